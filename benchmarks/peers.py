@@ -1,0 +1,170 @@
+"""One registration method on one pair, run as its own process by ``run_benchmark.py``.
+
+    python benchmarks/peers.py METHOD --fixed F --moving M --fixed_label FL --moving_label ML --output_dir DIR
+
+Every method writes, on the fixed image's grid and with its affine, ``warped_label.nii.gz`` (the moving label map
+warped by nearest neighbour) and ``jacobian.nii.gz`` (the determinant of the transform's Jacobian), and ``run.json``
+with its wall time (registration, warping and writing; imports and interpreter start excluded) and its own peak
+resident memory. The thread count is fixed by the caller through the environment (see :func:`thread_env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NODE_MIND_CONFIG = REPO_ROOT / "bundles" / "node_mind" / "configs" / "inference.json"
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that limits OpenMP, BLAS and ITK (ANTs) to ``threads`` threads."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+    return {**os.environ, **{name: str(threads) for name in names}}
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    Linux's ``ru_maxrss`` keeps the high-water mark of the process image before ``execve``, which for a worker forked
+    from a large parent is the parent's size; ``VmHWM`` in ``/proc/self/status`` starts afresh with the new image.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
+
+
+def save_on_grid(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    """Write ``array`` with the grid (affine) of ``reference``."""
+    image = nib.Nifti1Image(array, reference.affine)
+    image.set_qform(reference.affine, code=1)
+    image.set_sform(reference.affine, code=1)
+    nib.save(image, str(path))
+
+
+def run_ants(args: argparse.Namespace, **options: object) -> float:
+    """ANTs ``SyNOnly`` (antspyx defaults: Mattes mutual information) with ``options`` passed to the registration."""
+    import ants
+
+    start = time.perf_counter()
+    work = args.output_dir / "ants_transforms"
+    work.mkdir(parents=True, exist_ok=True)
+    fixed, moving = ants.image_read(str(args.fixed)), ants.image_read(str(args.moving))
+    reg = ants.registration(fixed, moving, type_of_transform="SyNOnly", outprefix=str(work / "tx_"), **options)
+    warped_label = ants.apply_transforms(
+        fixed, ants.image_read(str(args.moving_label)), reg["fwdtransforms"], interpolator="nearestNeighbor"
+    )
+    warp = next(f for f in reg["fwdtransforms"] if f.endswith("Warp.nii.gz"))
+    jacobian = ants.create_jacobian_determinant_image(fixed, warp)
+    ants.image_write(reg["warpedmovout"], str(args.output_dir / "warped.nii.gz"))
+    ants.image_write(warped_label.clone("unsigned int"), str(args.output_dir / "warped_label.nii.gz"))
+    ants.image_write(jacobian, str(args.output_dir / "jacobian.nii.gz"))
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(work)  # the 1 mm warp fields are large and nothing reads them again
+    return elapsed
+
+
+def convexadam_ddf(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """ConvexAdam-MIND with the package defaults, as our ddf ``[3, X, Y, Z]`` (voxels, pull-back).
+
+    ``convex_adam_pt`` returns ``[X, Y, Z, 3]`` with channel ``c`` the displacement along array axis ``c`` in voxels,
+    sampled as ``moving(x + u(x))`` (as its own ``apply_convex`` does): our convention up to the channel position.
+    """
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    # float32 is what the package falls back to on a CPU anyway; asking for it avoids its warning
+    displacement = convex_adam_pt(img_fixed=fixed, img_moving=moving, dtype=torch.float32, device=torch.device("cpu"))
+    return np.ascontiguousarray(np.moveaxis(displacement, -1, 0), dtype=np.float32)
+
+
+def run_convexadam(args: argparse.Namespace) -> float:
+    """ConvexAdam-MIND; the moving image is first resampled onto the fixed grid through both headers."""
+    import torch
+    from nibabel.processing import resample_from_to
+    from scipy.ndimage import map_coordinates
+
+    from common.spatial import jacobian_determinant
+
+    start = time.perf_counter()
+    fixed_image, moving_image = nib.load(str(args.fixed)), nib.load(str(args.moving))
+    moving = resample_from_to(moving_image, fixed_image, order=1)
+    ddf = convexadam_ddf(fixed_image.get_fdata(dtype=np.float32), moving.get_fdata(dtype=np.float32))
+
+    # one nearest-neighbour lookup of the original labels at A_moving^-1 A_fixed (x + u(x))
+    label_image = nib.load(str(args.moving_label))
+    fixed_to_moving = np.linalg.inv(label_image.affine) @ fixed_image.affine
+    points = np.indices(ddf.shape[1:], dtype=np.float32) + ddf
+    coords = np.einsum("ij,j...->i...", fixed_to_moving[:3, :3], points) + fixed_to_moving[:3, 3, None, None, None]
+    labels = np.asanyarray(label_image.dataobj)
+    warped_label = map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(np.int16)
+    jacobian = jacobian_determinant(torch.from_numpy(ddf)[None])[0, 0].numpy()
+    save_on_grid(warped_label, fixed_image, args.output_dir / "warped_label.nii.gz")
+    save_on_grid(jacobian.astype(np.float32), fixed_image, args.output_dir / "jacobian.nii.gz")
+    return time.perf_counter() - start
+
+
+def run_node_mind(args: argparse.Namespace) -> float:
+    """The ``node_mind`` bundle through ``monai.bundle.ConfigWorkflow``; it writes its outputs itself."""
+    from monai.bundle import ConfigWorkflow
+
+    start = time.perf_counter()
+    workflow = ConfigWorkflow(
+        config_file=str(NODE_MIND_CONFIG),
+        workflow_type="infer",
+        fixed=str(args.fixed),
+        moving=str(args.moving),
+        fixed_label=str(args.fixed_label),
+        moving_label=str(args.moving_label),
+        output_dir=str(args.output_dir),
+        device="cpu",
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return time.perf_counter() - start
+
+
+METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
+    "ants_default": run_ants,
+    "ants_strong": lambda args: run_ants(args, reg_iterations=(100, 70, 50)),
+    "convexadam": run_convexadam,
+    "node_mind": run_node_mind,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", choices=sorted(METHODS))
+    for name in ("fixed", "moving", "fixed_label", "moving_label", "output_dir"):
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))  # so that a plain checkout runs without installing the package
+    if args.method in ("convexadam", "node_mind"):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    wall_s = METHODS[args.method](args)
+    report = {"method": args.method, "wall_s": wall_s, "peak_rss_mb": peak_memory_mb(), "threads": args.threads}
+    (args.output_dir / "run.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

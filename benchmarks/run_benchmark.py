@@ -1,0 +1,325 @@
+"""Benchmark registration methods on the same pairs, in one run, with metrics computed one way for all.
+
+    python benchmarks/run_benchmark.py [--datasets t1_real,mm_1mm,mm_2mm] [--pairs 10]
+        [--methods ants_default,ants_strong,convexadam,node_mind] [--data ../shared/data] [--output benchmarks/results]
+
+Datasets:
+    t1_real  the real inter-subject T1 pair of ``t1_pairs/oasis_lapirn`` (A moving, B fixed; labels 1 GM, 2 WM), 1 mm;
+    mm_1mm   inter-subject pairs rendered from the aligned SynthSeg label maps: T1-like moving, T2-like fixed, 1 mm;
+    mm_2mm   the same pairs downsampled to 2 mm (images by 2x2x2 averaging, labels by the most frequent value).
+
+Each method-pair runs in its own process (``peers.py``) with a fixed number of threads and reports its wall time and
+peak memory. Metrics are computed here from each method's warped moving label map and Jacobian determinant on the
+fixed grid: Dice over the anatomical structures present in both label maps (mean and per structure group), HD95
+(mean over structures), % of voxels with a non-positive Jacobian determinant. Writes into the output folder
+``results.csv`` and ``results.json`` (every pair), ``table.md`` (means per dataset and method, also printed) and
+``dice.png``; rendered pairs are cached as NIfTI under ``cache/`` so that every method reads the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# sibling scripts (benchmarks/ is on sys.path when this file runs); make_sample also puts the repository on sys.path
+from make_sample import (  # noqa: E402
+    DEFAULT_DATA,
+    REPO_ROOT,
+    downsample_affine,
+    downsample_image,
+    downsample_labels,
+    label_map_path,
+    load_labels,
+    save_nifti,
+)
+from peers import METHODS, thread_env  # noqa: E402
+
+from common.metrics import dice_per_label, hd95_per_label, nonpositive_jacobian_percent  # noqa: E402
+from common.synthesis import render_contrast  # noqa: E402
+
+DATASETS = ("t1_real", "mm_1mm", "mm_2mm")
+SUBJECTS = tuple(range(1, 17))
+
+# FreeSurfer label values of the anatomical structures, per group; the real T1 pair has its own two labels
+FREESURFER_GROUPS: dict[str, tuple[int, ...]] = {
+    "cortex": (3, 42),
+    "white_matter": (2, 41),
+    "subcortical_gm": (10, 11, 12, 13, 17, 18, 26, 28, 49, 50, 51, 52, 53, 54, 58, 60),
+    "ventricles_csf": (4, 5, 14, 15, 24, 43, 44),
+    "cerebellum": (7, 8, 46, 47),
+    "brainstem": (16,),
+}
+T1_REAL_GROUPS: dict[str, tuple[int, ...]] = {"cortex": (1,), "white_matter": (2,)}
+GROUP_TITLES = {
+    "cortex": "cortex/GM",
+    "white_matter": "WM",
+    "subcortical_gm": "subcort. GM",
+    "ventricles_csf": "ventr./CSF",
+    "cerebellum": "cerebellum",
+    "brainstem": "brainstem",
+}
+
+
+@dataclass
+class Pair:
+    """One fixed/moving pair with label maps, and the structure groups its labels stand for."""
+
+    dataset: str
+    name: str
+    fixed: Path
+    moving: Path
+    fixed_label: Path
+    moving_label: Path
+    groups: dict[str, tuple[int, ...]]
+
+
+def pair_files(folder: Path) -> dict[str, Path]:
+    """Paths of a cached pair's four files."""
+    return {key: folder / f"{key}.nii.gz" for key in ("fixed", "moving", "fixed_label", "moving_label")}
+
+
+def real_t1_pair(data_dir: Path) -> Pair:
+    """The real T1 pair, read in place."""
+    folder = data_dir / "t1_pairs" / "oasis_lapirn"
+    return Pair(
+        "t1_real",
+        "oasis_A_to_B",
+        fixed=folder / "image_B_160x192x144.nii.gz",
+        moving=folder / "image_A_160x192x144.nii.gz",
+        fixed_label=folder / "image_B_160x192x144_seg.nii.gz",
+        moving_label=folder / "image_A_160x192x144_seg.nii.gz",
+        groups=T1_REAL_GROUPS,
+    )
+
+
+def subject_pairs(count: int, seed: int) -> list[tuple[int, int]]:
+    """``count`` (moving, fixed) pairs of different subjects; a prefix of the same seeded order for every count."""
+    ordered = [(m, f) for m in SUBJECTS for f in SUBJECTS if m != f]
+    return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:count]]
+
+
+def rendered_pair(data_dir: Path, cache: Path, moving_subject: int, fixed_subject: int, seed: int) -> Pair:
+    """T1-like moving and T2-like fixed rendering of two subjects at 1 mm, written once into ``cache``."""
+    name = f"s{moving_subject:02d}_to_s{fixed_subject:02d}"
+    files = pair_files(cache / "mm_1mm" / f"seed{seed}" / name)
+    if not all(path.exists() for path in files.values()):
+        moving_seed, fixed_seed = np.random.SeedSequence([seed, moving_subject, fixed_subject]).generate_state(2)
+        for role, subject, contrast, render_seed in (
+            ("moving", moving_subject, "t1", moving_seed),
+            ("fixed", fixed_subject, "t2", fixed_seed),
+        ):
+            labels, affine = load_labels(label_map_path(data_dir, subject))
+            save_nifti(render_contrast(labels, contrast, seed=int(render_seed)), affine, files[role])
+            save_nifti(labels, affine, files[f"{role}_label"])
+    return Pair("mm_1mm", name, groups=FREESURFER_GROUPS, **files)
+
+
+def downsampled_pair(pair: Pair, cache: Path, seed: int) -> Pair:
+    """``pair`` at 2 mm, written once into ``cache``."""
+    files = pair_files(cache / "mm_2mm" / f"seed{seed}" / pair.name)
+    if not all(path.exists() for path in files.values()):
+        for key, path in files.items():
+            image = nib.load(str(getattr(pair, key)))
+            data = np.asanyarray(image.dataobj)
+            data = downsample_labels(data) if key.endswith("label") else downsample_image(data)
+            save_nifti(data, downsample_affine(image.affine), path)
+    return Pair("mm_2mm", pair.name, groups=FREESURFER_GROUPS, **files)
+
+
+def load_label_map(path: Path) -> nib.Nifti1Image:
+    """Label map with integer voxels (some files store labels as floats)."""
+    image = nib.load(str(path))
+    return nib.Nifti1Image(np.rint(np.asanyarray(image.dataobj)).astype(np.int32), image.affine)
+
+
+def scored_labels(pair: Pair, fixed_label: np.ndarray, moving_label: np.ndarray) -> list[int]:
+    """The anatomical labels present in both input label maps."""
+    anatomical = {label for labels in pair.groups.values() for label in labels}
+    return sorted(anatomical & set(np.unique(fixed_label).tolist()) & set(np.unique(moving_label).tolist()))
+
+
+def score(pair: Pair, warped_label: np.ndarray, jacobian: np.ndarray | None) -> dict[str, object]:
+    """Dice (mean, per group, per label), mean HD95 and % non-positive Jacobian of one result on the fixed grid."""
+    fixed = load_label_map(pair.fixed_label)
+    labels = scored_labels(pair, np.asarray(fixed.dataobj), np.asarray(load_label_map(pair.moving_label).dataobj))
+    dice = dice_per_label(warped_label, np.asarray(fixed.dataobj), labels=labels)
+    hd95 = hd95_per_label(warped_label, np.asarray(fixed.dataobj), spacing=fixed.header.get_zooms()[:3], labels=labels)
+    row: dict[str, object] = {"dice": float(np.mean(list(dice.values())))}
+    for group, members in pair.groups.items():
+        values = [dice[label] for label in members if label in dice]
+        row[f"dice_{group}"] = float(np.mean(values)) if values else math.nan
+    row["hd95"] = float(np.nanmean(list(hd95.values())))
+    row["nonpositive_jacobian_pct"] = math.nan if jacobian is None else nonpositive_jacobian_percent(jacobian)
+    row["dice_per_label"] = {str(k): v for k, v in dice.items()}
+    return row
+
+
+def before_registration(pair: Pair) -> dict[str, object]:
+    """Scores of the moving label map brought onto the fixed grid through the headers only."""
+    moving = resample_from_to(load_label_map(pair.moving_label), load_label_map(pair.fixed_label), order=0)
+    return score(pair, np.asarray(moving.dataobj).astype(np.int32), None)
+
+
+def on_fixed_grid(path: Path, fixed: nib.Nifti1Image) -> np.ndarray:
+    """Array of a method's output, checked to lie on the fixed grid."""
+    image = nib.load(str(path))
+    if image.shape[:3] != fixed.shape[:3] or not np.allclose(image.affine, fixed.affine, atol=1e-3):
+        raise ValueError(f"{path} is not on the fixed image's grid")
+    return np.asanyarray(image.dataobj).reshape(fixed.shape[:3])
+
+
+def run_method(pair: Pair, method: str, out_dir: Path, threads: int, timeout: float) -> dict[str, object]:
+    """Run ``method`` on ``pair`` in its own process and score its outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(Path(__file__).with_name("peers.py")), method, "--output_dir", str(out_dir)]
+    for key in ("fixed", "moving", "fixed_label", "moving_label"):
+        command += [f"--{key}", str(getattr(pair, key))]
+    command += ["--threads", str(threads)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=thread_env(threads), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f} s"}
+    (out_dir / "log.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": f"failed ({done.returncode}): {last}"}
+    try:
+        report = json.loads((out_dir / "run.json").read_text())
+        fixed = nib.load(str(pair.fixed))
+        warped_label = np.rint(on_fixed_grid(out_dir / "warped_label.nii.gz", fixed)).astype(np.int32)
+        jacobian = on_fixed_grid(out_dir / "jacobian.nii.gz", fixed).astype(np.float32)
+    except (OSError, ValueError, KeyError) as error:  # missing or malformed outputs: report, go on with the rest
+        return {"status": f"bad output: {error}"}
+    row = score(pair, warped_label, jacobian)
+    row.update(status="ok", time_s=report["wall_s"], memory_mb=report["peak_rss_mb"])
+    row["process_s"] = time.perf_counter() - start
+    return row
+
+
+def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, seed: int) -> list[Pair]:
+    """Every pair of the requested datasets, rendering into ``cache`` what is not there yet."""
+    pairs = [real_t1_pair(data_dir)] if "t1_real" in datasets else []
+    if "mm_1mm" in datasets or "mm_2mm" in datasets:
+        rendered = [rendered_pair(data_dir, cache, m, f, seed) for m, f in subject_pairs(count, seed)]
+        pairs += rendered if "mm_1mm" in datasets else []
+        pairs += [downsampled_pair(pair, cache, seed) for pair in rendered] if "mm_2mm" in datasets else []
+    return pairs
+
+
+def mean_cell(rows: list[dict[str, object]], key: str, digits: int) -> str:
+    """Mean of the finite values of ``key`` over ``rows``, formatted; ``-`` when there are none."""
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return f"{np.mean(values):.{digits}f}" if values else "-"
+
+
+def summarise(rows: list[dict[str, object]], datasets: list[str], methods: list[str]) -> str:
+    """Markdown table: one row per (dataset, method), means over that dataset's pairs (std of Dice after ±)."""
+    columns = [(f"dice_{g}", title, 3) for g, title in GROUP_TITLES.items()]
+    columns += [("hd95", "HD95 (mm)", 2), ("nonpositive_jacobian_pct", "% det J <= 0", 3)]
+    columns += [("time_s", "time (s)", 1), ("memory_mb", "memory (MB)", 0)]
+    header = ["dataset", "method", "pairs ok", "Dice"] + [title for _, title, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for dataset in datasets:
+        for method in ["before"] + methods:
+            selected = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
+            if not selected:
+                continue
+            done = [r for r in selected if r["status"] == "ok"]
+            dice = [float(r["dice"]) for r in done]
+            cells = [dataset, method, f"{len(done)}/{len(selected)}"]
+            cells.append(f"{np.mean(dice):.3f} ± {np.std(dice):.3f}" if dice else "-")
+            cells += [mean_cell(done, key, digits) for key, _, digits in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, object]], datasets: list[str], methods: list[str], path: Path) -> None:
+    """Mean Dice per pair: one panel per dataset, a box and the pairs' points per method."""
+    names = ["before"] + methods
+    fig, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 1.1 * len(names) * len(datasets), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, dataset in zip(axes[0], datasets):
+        values = [
+            [float(r["dice"]) for r in rows if r["dataset"] == dataset and r["method"] == m and r["status"] == "ok"]
+            for m in names
+        ]
+        ax.boxplot([v if v else [math.nan] for v in values], widths=0.5, showfliers=False)
+        for i, v in enumerate(values, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(v)), v, s=12, alpha=0.7, zorder=3)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+        ax.set_title(dataset)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("mean Dice over structures")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict[str, object]], output: Path) -> None:
+    """All rows as JSON (with per-label Dice) and as CSV (without)."""
+    (output / "results.json").write_text(json.dumps(rows, indent=1))
+    columns = [k for k in rows[0] if k != "dice_per_label"]
+    columns += sorted({k for r in rows for k in r if k not in columns and k != "dice_per_label"})
+    with open(output / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
+    parser.add_argument("--pairs", type=int, default=10, help="rendered pairs per dataset (t1_real has one)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {tuple(METHODS)}")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the reference data folder")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="output folder")
+    parser.add_argument("--cache", type=Path, default=None, help="rendered pairs (default: OUTPUT/cache)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pair list and of the renderings")
+    parser.add_argument("--threads", type=int, default=2, help="threads per method")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds before a method-pair is given up")
+    args = parser.parse_args()
+    datasets = [d for d in args.datasets.split(",") if d]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(datasets) - set(DATASETS)) + sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown dataset or method: {', '.join(unknown)}")
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    pairs = prepare_pairs(datasets, args.pairs, args.data, args.cache or args.output / "cache", args.seed)
+    rows: list[dict[str, object]] = []
+    for pair in pairs:
+        for method in ["before"] + methods:
+            if method == "before":
+                row = {"status": "ok", **before_registration(pair)}
+            else:
+                out_dir = args.output / "runs" / pair.dataset / pair.name / method
+                row = run_method(pair, method, out_dir, args.threads, args.timeout)
+            rows.append({"dataset": pair.dataset, "pair": pair.name, "method": method, **row})
+            dice = f"Dice {row['dice']:.3f}" if row["status"] == "ok" else row["status"]
+            print(f"{pair.dataset} {pair.name} {method}: {dice}", flush=True)
+            write_results(rows, args.output)
+
+    table = summarise(rows, datasets, methods)
+    (args.output / "table.md").write_text(table)
+    plot(rows, datasets, methods, args.output / "dice.png")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

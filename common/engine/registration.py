@@ -1,0 +1,205 @@
+"""Instance optimisation: fit a transform model to one image pair, coarse to fine, on an ignite engine."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.inferers import Inferer
+from monai.transforms import ScaleIntensityRangePercentiles
+from monai.utils import convert_to_tensor
+
+from common.losses.regularizers import DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
+from common.spatial.fields import resize_ddf, warp
+from common.spatial.grids import scaled_shape
+
+from .optimizer import BestState, create_pair_engine
+
+logger = logging.getLogger(__name__)
+
+
+def downsample_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Box-blur then resample ``[B, C, X, Y, Z]`` onto ``shape``, grids matched corner to corner."""
+    if tuple(image.shape[2:]) == tuple(shape):
+        return image
+    factor = max(n / m for n, m in zip(image.shape[2:], shape))
+    k = 2 * int(factor // 2) + 1
+    if k > 1:
+        image = F.avg_pool3d(image, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
+    return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def _sample_points(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of ``volume`` ``[1, C, X, Y, Z]`` at ``points`` ``[N, 3]`` (normalised, axis order) -> ``[1, C, N]``."""
+    grid = points.flip(-1).view(1, -1, 1, 1, 3)  # grid_sample wants (z, y, x) -> (x, y, z) order reversed
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
+
+
+class InstanceOptimizationInferer(Inferer):
+    """Register a pair by optimising a transform model's parameters on that pair alone.
+
+    The transform model, built by ``network(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
+    of ``flow_spacing`` mm (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
+    ``similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
+    descriptor (identity when None), optimised with Adam over ``levels`` (image downsampling factors, coarse to
+    fine), each for its number of ``iterations``.
+
+    Args:
+        similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``.
+        descriptor: module ``[1, 1, X, Y, Z] -> [1, C, X, Y, Z]``, or None to compare intensities.
+        warp_descriptor: warp the moving image's descriptor (computed once per level) instead of recomputing the
+            descriptor of the warped image every iteration; faster, and equal for smooth deformations.
+        levels: downsampling factor of the images at each stage, e.g. ``(2, 1)``.
+        iterations: Adam steps at each stage.
+        learning_rate: Adam learning rate.
+        flow_spacing: voxel size of the flow grid in mm (never finer than the image).
+        jacobian_weight, jacobian_epsilon: weight and threshold of the penalty barrier on ``det J``.
+        smoothness_weight: weight of the displacement's squared forward differences.
+        magnitude_weight: weight of the squared velocity.
+        time_budget_s: stop after this many seconds over all stages (None: no limit).
+        patience, tolerance: convergence stopping per stage (see :func:`create_pair_engine`); 0 disables.
+        initial_weights: path of a state dict loaded (non-strictly) into the model before optimisation.
+        seed: seed of the model's random initialisation, for reproducible runs.
+        progress: show progress bars.
+        sample_points: at stages with more voxels than this, compare descriptors at this many random voxels per
+            iteration (a stochastic gradient, as elastix's random sampler) instead of at all voxels; None: all.
+    """
+
+    def __init__(
+        self,
+        similarity: nn.Module,
+        descriptor: nn.Module | None = None,
+        warp_descriptor: bool = False,
+        levels: Sequence[int] = (2, 1),
+        iterations: Sequence[int] = (250, 50),
+        learning_rate: float = 5e-3,
+        flow_spacing: float = 2.0,
+        jacobian_weight: float = 2.5,
+        jacobian_epsilon: float = 0.5,
+        smoothness_weight: float = 0.05,
+        magnitude_weight: float = 5e-5,
+        time_budget_s: float | None = None,
+        patience: int = 0,
+        tolerance: float = 1e-3,
+        initial_weights: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        sample_points: int | None = None,
+    ) -> None:
+        super().__init__()
+        if len(levels) != len(iterations):
+            raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
+        self.similarity, self.descriptor, self.warp_descriptor = similarity, descriptor, warp_descriptor
+        self.levels, self.iterations = [int(f) for f in levels], [int(n) for n in iterations]
+        self.learning_rate, self.flow_spacing = learning_rate, flow_spacing
+        self.weights = (jacobian_weight, smoothness_weight, magnitude_weight)
+        self.jacobian = JacobianBarrierLoss(jacobian_epsilon)
+        self.smoothness = DisplacementSmoothnessLoss()
+        self.magnitude = VelocityMagnitudeLoss()
+        self.time_budget_s, self.patience, self.tolerance = time_budget_s, patience, tolerance
+        self.initial_weights, self.seed, self.progress = initial_weights, seed, progress
+        self.sample_points = sample_points
+        self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+        self.stats: dict = {}
+
+    def _describe(self, image: torch.Tensor) -> torch.Tensor:
+        return image if self.descriptor is None else self.descriptor(image)
+
+    def _similarity(self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Similarity of the target and the source warped by ``displacement`` (flow grid) on the target's grid."""
+        shape = target.shape[2:]
+        if not self.sample_points or math.prod(shape) <= self.sample_points or not self.warp_descriptor:
+            warped = warp(source, resize_ddf(displacement, shape))
+            return self.similarity(warped if self.warp_descriptor else self._describe(warped), target)
+        index = torch.randint(0, math.prod(shape), (self.sample_points,), device=target.device)
+        size = torch.tensor(shape, device=target.device)
+        points = torch.stack([index // (size[1] * size[2]), (index // size[2]) % size[1], index % size[2]], dim=1)
+        scale = (size - 1).clamp(min=1).to(displacement.dtype)
+        # both grids span the same field of view corner to corner, so normalised coordinates are shared
+        normalised = 2 * points.to(displacement.dtype) / scale - 1
+        flow_size = torch.tensor(displacement.shape[2:], device=target.device, dtype=displacement.dtype)
+        u = _sample_points(displacement, normalised) * (scale / (flow_size - 1).clamp(min=1)).view(1, 3, 1)
+        moved = normalised.T[None] + 2 * u / scale.view(1, 3, 1)
+        warped = _sample_points(source, moved[0].T)
+        return self.similarity(warped, target.flatten(2)[:, :, index])
+
+    def build_model(self, network: Callable[..., nn.Module], shape: Sequence[int], device: torch.device) -> nn.Module:
+        """The transform model for a flow grid of ``shape``, seeded and with the initial weights loaded."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = network(shape=tuple(shape))
+        if self.initial_weights:
+            state = torch.load(self.initial_weights, map_location="cpu", weights_only=True)
+            unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"initial weights {self.initial_weights} hold unknown parameters: {unexpected[:5]}")
+        return model.to(device)
+
+    def __call__(  # type: ignore[override]
+        self, fixed: torch.Tensor, moving: torch.Tensor, network: Callable[..., nn.Module], spacing: Sequence[float]
+    ) -> torch.Tensor:
+        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on the same grid of voxel size ``spacing`` mm.
+
+        Returns:
+            displacement ``[1, 3, X, Y, Z]`` in voxels of the fixed grid (pull-back: warped(x) = moving(x + u(x))).
+        """
+        device, shape = fixed.device, tuple(fixed.shape[2:])
+        fixed, moving = (convert_to_tensor(self.normalise(x.float()), track_meta=False) for x in (fixed, moving))
+        flow_shape = scaled_shape(shape, spacing, self.flow_spacing)
+        model = self.build_model(network, flow_shape, device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
+        w_jac, w_smooth, w_mag = self.weights
+        start = time.perf_counter()
+        self.stats = {"iterations": [], "stage_time_s": [], "final_loss": math.nan, "flow_shape": list(flow_shape)}
+
+        for level, (factor, num_iterations) in enumerate(zip(self.levels, self.iterations)):
+            level_shape = tuple(max(2, math.ceil(s / factor)) for s in shape)
+            fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
+            with torch.no_grad():
+                target = self._describe(fixed_l)
+                source = self._describe(moving_l) if self.warp_descriptor else moving_l
+            best = BestState()
+
+            def step() -> dict[str, float]:
+                optimizer.zero_grad(set_to_none=True)
+                displacement, velocity = model()
+                sim = self._similarity(displacement, source, target)
+                reg = (
+                    w_jac * self.jacobian(displacement)
+                    + w_smooth * self.smoothness(displacement)
+                    + w_mag * self.magnitude(velocity)
+                )
+                loss = sim + reg
+                loss.backward()
+                best.update(loss.item(), model)
+                optimizer.step()
+                return {"loss": loss.item(), "similarity": sim.item()}
+
+            remaining = None if self.time_budget_s is None else self.time_budget_s - (time.perf_counter() - start)
+            if remaining is not None and remaining <= 0:
+                logger.info(f"time budget spent: skipping stage {level + 1}")
+                break
+            stage_start = time.perf_counter()
+            engine = create_pair_engine(
+                step,
+                num_iterations,
+                time_limit_s=remaining,
+                patience=self.patience,
+                tolerance=self.tolerance,
+                progress=self.progress,
+                description=f"stage {level + 1}/{len(self.levels)} ({'x'.join(map(str, level_shape))})",
+            )
+            engine.run(range(num_iterations), max_epochs=1)
+            best.restore(model)
+            self.stats["iterations"].append(engine.state.iteration)
+            self.stats["stage_time_s"].append(time.perf_counter() - stage_start)
+            self.stats["final_loss"] = best.loss
+
+        with torch.no_grad():
+            displacement, _ = model()
+            return resize_ddf(displacement, shape)

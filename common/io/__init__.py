@@ -1,0 +1,34 @@
+"""Reading, validating, resampling and writing images, labels, landmarks and displacement fields."""
+
+from .errors import RegistrationInputError, input_error
+from .image import (
+    available_memory_bytes,
+    check_device_memory,
+    check_overlap,
+    load_image,
+    load_label,
+    required_memory_bytes,
+    world_bounds,
+)
+from .landmarks import load_landmarks
+from .resample import resample_to_grid
+from .writers import atomic_write, save_csv, save_ddf_itk, save_image, save_json
+
+__all__ = [
+    "RegistrationInputError",
+    "atomic_write",
+    "available_memory_bytes",
+    "check_device_memory",
+    "check_overlap",
+    "input_error",
+    "load_image",
+    "load_label",
+    "load_landmarks",
+    "required_memory_bytes",
+    "resample_to_grid",
+    "save_csv",
+    "save_ddf_itk",
+    "save_image",
+    "save_json",
+    "world_bounds",
+]

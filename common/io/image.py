@@ -1,0 +1,186 @@
+"""Loading and validating 3D images and label maps, and the checks made before registering a pair.
+
+Images are returned as :class:`monai.data.MetaTensor` ``[1, X, Y, Z]`` whose ``.affine`` maps voxel indices to
+world RAS millimetres (MONAI's convention); array axes are the file's own index axes, whatever its orientation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import PathLike
+from monai.data import ITKReader, MetaTensor, NibabelReader
+from monai.transforms import LoadImage
+
+from .errors import RegistrationInputError, input_error
+
+_NIBABEL_SUFFIXES = (".nii", ".nii.gz")
+_GRID_ATOL = 1e-3
+_GB = 1e9
+
+
+@lru_cache(maxsize=1)
+def _loader() -> LoadImage:
+    # dtype=None keeps the stored type so that label maps can be checked for integer values before any cast.
+    return LoadImage(reader=[ITKReader(), NibabelReader()], image_only=True, ensure_channel_first=True, dtype=None)
+
+
+def _read(path: PathLike, role: str) -> MetaTensor:
+    """Read any ITK/NiBabel 3D scalar image as ``[1, X, Y, Z]`` in its stored dtype; validate exists/readable/3D."""
+    file = Path(path)
+    if not file.exists():
+        raise input_error(role, path, "file not found")
+    loader = _loader()
+    # NIfTI through NiBabel (MONAI's reference reader for it); NRRD, MHA/MHD and DICOM folders through ITK.
+    nifti = file.is_file() and file.name.lower().endswith(_NIBABEL_SUFFIXES)
+    reader = next(r for r in loader.readers[::-1] if isinstance(r, NibabelReader if nifti else ITKReader))
+    try:
+        img = loader(file, reader=reader)
+    except Exception as e:
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise input_error(role, path, f"cannot be read as an image ({type(e).__name__}: {detail[:200]})") from e
+    data = img.as_tensor()
+    while data.ndim > 4 and data.shape[-1] == 1:  # e.g. NIfTI stored as X,Y,Z,1,1
+        data = data[..., 0]
+    if data.ndim > 4 or data.shape[0] > 1:
+        shape = tuple(img.shape)
+        raise input_error(role, path, f"is not a 3D scalar image (array shape {shape}, volumes or components first)")
+    spatial = tuple(data.shape[1:])
+    if len(spatial) != 3 or min(spatial) < 2:
+        raise input_error(role, path, f"is not a 3D image (spatial shape {spatial})")
+    return MetaTensor(data, meta=img.meta)
+
+
+def _count_nonfinite(data: torch.Tensor) -> int:
+    return int((~torch.isfinite(data)).sum()) if data.is_floating_point() else 0
+
+
+def load_image(path: PathLike, role: str = "image") -> MetaTensor:
+    """Load a 3D scalar image as float32 ``[1, X, Y, Z]`` with a float64 RAS ``.affine`` (mm).
+
+    Any integer or float type is accepted; NIfTI, NRRD, MHA/MHD and DICOM series folders are read.
+
+    Raises:
+        RegistrationInputError: naming ``role`` and ``path``, if the file is missing or unreadable, not one 3D
+            volume, has NaN/Inf values, or is constant.
+    """
+    img = _read(path, role).to(torch.float32)
+    bad = _count_nonfinite(img)  # after the cast, so that float64 values beyond float32's range count too
+    if bad:
+        raise input_error(role, path, f"contains {bad} NaN/Inf values")
+    if torch.equal(img.amin(), img.amax()):
+        raise input_error(role, path, f"is constant (every voxel is {float(img.flatten()[0]):g})")
+    return img
+
+
+def _format_affine(affine: torch.Tensor) -> str:
+    return np.array2string(np.asarray(affine, dtype=np.float64)[:3], precision=3, separator=",").replace("\n", "")
+
+
+def load_label(path: PathLike, reference: MetaTensor, role: str = "label") -> MetaTensor:
+    """Load an integer label map as int32 ``[1, X, Y, Z]`` that must lie on ``reference``'s grid.
+
+    Float storage is accepted when every value is integral. The grid matches when the spatial shapes are equal
+    and the affines agree within 1e-3.
+
+    Raises:
+        RegistrationInputError: naming ``role`` and ``path``, for the failures of :func:`load_image` other than
+            being constant, for non-integer values, and for a grid that differs from ``reference``'s.
+    """
+    label = _read(path, role)
+    bad = _count_nonfinite(label)
+    if bad:
+        raise input_error(role, path, f"contains {bad} NaN/Inf values")
+    if label.is_floating_point():
+        fractional = int((label != label.round()).sum())
+        if fractional:
+            raise input_error(role, path, f"has {fractional} non-integer values; a label map holds integers")
+    ref_name = reference.meta.get("filename_or_obj", "reference image")
+    same_shape = label.shape[1:] == reference.shape[1:]
+    if not same_shape or not torch.allclose(label.affine, reference.affine.to(label.affine), atol=_GRID_ATOL):
+        raise input_error(
+            role,
+            path,
+            f"grid differs from its image '{ref_name}' (shape {tuple(label.shape[1:])} vs "
+            f"{tuple(reference.shape[1:])}; affine {_format_affine(label.affine)} vs "
+            f"{_format_affine(reference.affine)})",
+        )
+    return label.to(torch.int32)
+
+
+def world_bounds(image: MetaTensor) -> torch.Tensor:
+    """World RAS box ``[2, 3]`` (min row, max row; mm) of the voxels' extent ``[-0.5, N - 0.5]`` on every axis."""
+    affine = image.affine.to(torch.float64).cpu()
+    extent = [(-0.5, n - 0.5) for n in image.shape[1:]]
+    corners = [[x, y, z, 1.0] for x in extent[0] for y in extent[1] for z in extent[2]]
+    world = (torch.tensor(corners, dtype=torch.float64) @ affine.T)[:, :3]
+    return torch.stack([world.amin(0), world.amax(0)])
+
+
+def _format_bounds(bounds: torch.Tensor) -> str:
+    return "x".join(f"[{lo:.1f}, {hi:.1f}]" for lo, hi in bounds.T.tolist()) + " mm RAS"
+
+
+def check_overlap(fixed: MetaTensor, moving: MetaTensor) -> None:
+    """Raise RegistrationInputError unless the world boxes of ``fixed`` and ``moving`` intersect."""
+    bf, bm = world_bounds(fixed), world_bounds(moving)
+    if bool((torch.maximum(bf[0], bm[0]) < torch.minimum(bf[1], bm[1])).all()):
+        return
+    name_f = fixed.meta.get("filename_or_obj", "")
+    name_m = moving.meta.get("filename_or_obj", "")
+    raise RegistrationInputError(
+        f"fixed '{name_f}' and moving '{name_m}' do not overlap in world space "
+        f"(fixed spans {_format_bounds(bf)}, moving spans {_format_bounds(bm)})"
+    )
+
+
+def required_memory_bytes(shape: Sequence[int], channels_per_voxel: int, bytes_per_value: int = 4) -> int:
+    """Bytes taken by ``channels_per_voxel`` values of ``bytes_per_value`` bytes at every voxel of ``shape``."""
+    return math.prod(shape) * channels_per_voxel * bytes_per_value
+
+
+def available_memory_bytes(device: str | torch.device) -> int | None:
+    """Free memory on ``device`` in bytes: CUDA's free memory, or MemAvailable on a Linux CPU; else None."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    meminfo = Path("/proc/meminfo")
+    if dev.type != "cpu" or not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    return None
+
+
+def check_device_memory(
+    shape: Sequence[int],
+    device: str | torch.device,
+    bytes_needed: int,
+    hint: str = "run with --device cpu or set a coarser level",
+) -> None:
+    """Raise RegistrationInputError if ``bytes_needed`` exceeds the free memory of ``device``.
+
+    Nothing is checked where the free memory is unknown (a CPU without ``/proc/meminfo``, other devices).
+
+    Args:
+        shape: spatial shape of the grid, for the message.
+        device: where the work runs, e.g. ``"cuda:0"`` or ``"cpu"``.
+        bytes_needed: estimate, e.g. from :func:`required_memory_bytes`.
+        hint: what the user can do about it, appended to the message.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    free = available_memory_bytes(dev)
+    if free is None or bytes_needed <= free:
+        return
+    raise RegistrationInputError(
+        f"a {'x'.join(str(int(s)) for s in shape)} grid needs about {bytes_needed / _GB:.1f} GB on {dev} "
+        f"but only {free / _GB:.1f} GB is free; {hint}"
+    )

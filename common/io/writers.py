@@ -1,0 +1,113 @@
+"""Atomic writers: an output appears under its final name complete, or not at all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import itk
+import nibabel as nib
+import numpy as np
+from monai.config import DtypeLike, NdarrayOrTensor, PathLike
+from monai.utils import convert_to_numpy
+
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so writers infer the format); move it into place on
+    success, delete it on failure.
+
+    Example::
+
+        with atomic_write("out/warped.nii.gz") as tmp:  # tmp is out/.warped.tmp-1a2b3c4d.nii.gz
+            nib.save(img, tmp)
+    """
+    final = Path(path)
+    suffixes = final.suffixes
+    keep = 2 if len(suffixes) > 1 and final.suffix.lower() in _COMPRESSION_SUFFIXES else 1
+    suffix = "".join(suffixes[-keep:])
+    stem = final.name[: len(final.name) - len(suffix)]
+    tmp = final.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_image(array: NdarrayOrTensor, affine_ras: NdarrayOrTensor, path: PathLike, dtype: DtypeLike = None) -> None:
+    """Write ``array`` ``[X, Y, Z]`` with voxel-to-world ``affine_ras`` (4x4, RAS mm) as NIfTI through NiBabel.
+
+    ``dtype`` casts the data before writing (e.g. ``np.float32``, ``np.int16``); None keeps the array's type.
+    """
+    data = convert_to_numpy(array, dtype=dtype)
+    if data.ndim != 3:
+        raise ValueError(f"save_image expects an [X, Y, Z] array, got shape {data.shape}.")
+    affine = convert_to_numpy(affine_ras, dtype=np.float64)
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)  # both qform and sform, so that readers preferring either agree
+    img.header.set_xyzt_units("mm")
+    with atomic_write(path) as tmp:
+        nib.save(img, tmp)
+
+
+def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: PathLike) -> None:
+    """Write a voxel displacement field as ITK/ANTs do: LPS millimetres on the fixed grid, float vectors.
+
+    The world displacement is ``diag(-1, -1, 1) @ A[:3, :3] @ u`` with ``A`` the fixed RAS affine, so that
+    ``itk.warp_image_filter(moving, displacement_field=itk.imread(path, itk.Vector[itk.F, 3]),
+    output_parameters_from_image=fixed)`` reproduces :func:`common.io.resample.resample_to_grid` with this ``u``.
+
+    Args:
+        ddf: ``[3, X, Y, Z]`` displacement in voxels of the fixed grid (channel ``c`` along array axis ``c``).
+        fixed_affine_ras: 4x4 voxel-to-world of the fixed image (RAS mm).
+        path: output file; the format follows the suffix (e.g. ``.nii.gz``, ``.mha``).
+    """
+    u = convert_to_numpy(ddf, dtype=np.float64)
+    if u.ndim != 4 or u.shape[0] != 3:
+        raise ValueError(f"save_ddf_itk expects a [3, X, Y, Z] field, got shape {u.shape}.")
+    lps = _RAS_TO_LPS @ convert_to_numpy(fixed_affine_ras, dtype=np.float64)
+    # ITK arrays are indexed [z, y, x, component] with x the first image axis (our array axis 0)
+    vectors = np.ascontiguousarray(np.einsum("ij,jxyz->zyxi", lps[:3, :3], u), dtype=np.float32)
+    field = itk.GetImageFromArray(vectors, ttype=itk.Image[itk.Vector[itk.F, 3], 3])
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    field.SetSpacing(spacing.tolist())
+    field.SetOrigin(lps[:3, 3].tolist())
+    field.SetDirection(lps[:3, :3] / spacing)
+    with atomic_write(path) as tmp:
+        itk.imwrite(field, str(tmp))
+
+
+def _to_builtin(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable.")
+
+
+def save_json(obj: Any, path: PathLike) -> None:
+    """Write ``obj`` as indented JSON; numpy/torch values and paths are converted to plain types."""
+    text = json.dumps(obj, indent=2, default=_to_builtin) + "\n"
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_csv(rows: list[dict[str, Any]], path: PathLike) -> None:
+    """Write ``rows`` as CSV with a header: the union of their keys in order of first appearance."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)

@@ -1,0 +1,101 @@
+"""MIND-SSC: the modality independent neighbourhood descriptor with a self-similarity context.
+
+For each voxel, the 12 pairs of 6-neighbourhood offsets (at distance ``dilation``) whose squared distance is
+``2 * dilation**2`` are compared by the patch distance ``D(p, q) = sum_w (I(x+p+w) - I(x+q+w))**2`` over a
+``(2r+1)**3`` window, then ``exp(-(D - min_pq D) / V)`` with ``V`` the mean over the 12 channels clamped to
+``[1e-3, 1e3]`` times its global mean (Heinrich et al., MICCAI 2013).
+
+The patch distance of ``(p, q)`` is the patch-summed squared difference image ``S_{p-q}`` shifted by ``q``, and
+``p - q`` takes only 6 values up to sign; so each descriptor is 6 squared differences, 6 box filters and 12 shifts,
+instead of 12-channel one-hot dilated convolutions (about 4x fewer operations, and no convolution weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# the 12 (p, q) offset pairs of the SSC neighbourhood, as unit offsets along the three axes
+_SIX = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+_PAIRS = [
+    (p, q)
+    for i, p in enumerate(_SIX)
+    for q in _SIX[i + 1 :]
+    if sum((a - b) ** 2 for a, b in zip(p, q)) == 2
+]
+
+
+def _shift(x: torch.Tensor, offset: tuple[int, int, int], pad: int) -> torch.Tensor:
+    """``x`` padded by ``pad`` on each side, viewed at ``index + offset``: ``[B, C, *S]`` of the unpadded shape."""
+    s = x.shape[2:]
+    return x[
+        :,
+        :,
+        pad + offset[0] : pad + offset[0] + s[0] - 2 * pad,
+        pad + offset[1] : pad + offset[1] + s[1] - 2 * pad,
+        pad + offset[2] : pad + offset[2] + s[2] - 2 * pad,
+    ]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
+    """MIND-SSC descriptor of ``image`` ``[B, 1, X, Y, Z]`` -> ``[B, 12, X, Y, Z]`` with values in ``(0, 1]``.
+
+    Args:
+        image: intensities; the descriptor is invariant to their scale and offset and nearly so to monotone remaps.
+        radius: half width ``r`` of the patch window (voxels).
+        dilation: neighbourhood distance ``d`` (voxels).
+        eps: floor of the local variance before normalisation.
+    """
+    if image.shape[1] != 1:
+        raise ValueError(f"mind_ssc expects one channel, got {image.shape[1]}.")
+    d = dilation
+    pad = 2 * d
+    x = F.pad(image, [pad] * 6, mode="replicate")
+    # S_v(y) = (I(y + v) - I(y))^2 for the 6 difference vectors v = p - q (up to sign), on the padded grid
+    vectors: list[tuple[int, ...]] = []
+    for p, q in _PAIRS:
+        v = tuple(d * (a - b) for a, b in zip(p, q))
+        if v not in vectors and tuple(-c for c in v) not in vectors:
+            vectors.append(v)
+    inner = x[:, :, d:-d, d:-d, d:-d]
+    sq = torch.cat([(_shift(x, v, d) - inner) ** 2 for v in vectors], dim=1)
+    k = 2 * radius + 1
+    sq = F.avg_pool3d(F.pad(sq, [radius] * 6, mode="replicate"), kernel_size=k, stride=1)
+    # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p); sq lives on the grid padded by d
+    channels = []
+    for p, q in _PAIRS:
+        v = tuple(d * (a - b) for a, b in zip(p, q))
+        if v in vectors:
+            idx, base = vectors.index(v), q
+        else:
+            idx, base = vectors.index(tuple(-c for c in v)), p
+        channels.append(_shift(sq[:, idx : idx + 1], tuple(d * c for c in base), d))
+    dist = torch.cat(channels, dim=1)
+    dist = dist - dist.amin(dim=1, keepdim=True)
+    var = dist.mean(dim=1, keepdim=True)
+    mean_var = var.mean(dim=(1, 2, 3, 4), keepdim=True)
+    var = torch.maximum(var.clamp(min=mean_var * 1e-3, max=mean_var * 1e3), torch.full_like(var, eps))
+    return torch.exp(-dist / var)
+
+
+class MINDSSC(nn.Module):
+    """Module form of :func:`mind_ssc`, to plug in as a registration descriptor."""
+
+    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
+        super().__init__()
+        self.radius, self.dilation = radius, dilation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return mind_ssc(image, self.radius, self.dilation)
+
+
+class MINDSSCLoss(nn.Module):
+    """Mean squared difference of the MIND-SSC descriptors of two images ``[B, 1, X, Y, Z]``."""
+
+    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
+        super().__init__()
+        self.descriptor = MINDSSC(radius, dilation)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.descriptor(pred), self.descriptor(target))

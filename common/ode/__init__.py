@@ -1,0 +1,6 @@
+from .adjoint import odeint_adjoint
+from .flow import NeuralODEFlow, sample_velocity
+from .solvers import SOLVERS, odeint
+from .velocity import VelocityNet
+
+__all__ = ["NeuralODEFlow", "SOLVERS", "VelocityNet", "odeint", "odeint_adjoint", "sample_velocity"]

@@ -1,0 +1,56 @@
+"""A diffeomorphic transform as the flow of a stationary velocity field given by a network (a Neural ODE)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from common.spatial.fields import warp
+
+from .adjoint import odeint_adjoint
+from .solvers import odeint
+from .velocity import VelocityNet
+
+
+def sample_velocity(displacement: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """Right-hand side of ``d phi / dt = v(phi)`` with ``phi = x + displacement``: ``v`` sampled at ``phi``."""
+    return warp(velocity, displacement, padding_mode="border")
+
+
+class NeuralODEFlow(nn.Module):
+    """``phi_1`` solving ``d phi_t / dt = v(phi_t)``, ``phi_0 = id``, with ``v`` from a :class:`VelocityNet`.
+
+    Args:
+        shape: spatial shape of the flow grid.
+        num_steps: solver steps on ``[0, 1]``.
+        solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
+        adjoint: gradients by the adjoint method (constant memory) instead of back-propagation through the solver.
+        velocity_net: builds the network from ``shape``; defaults to :class:`VelocityNet`.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        num_steps: int = 8,
+        solver: str = "euler",
+        adjoint: bool = True,
+        velocity_net: Callable[..., nn.Module] = VelocityNet,
+    ) -> None:
+        super().__init__()
+        self.velocity_net = velocity_net(shape=shape)
+        self.num_steps, self.solver, self.adjoint = num_steps, solver, adjoint
+
+    def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
+        """Displacement ``phi_1 - id`` ``[B, 3, *S]`` (voxels) of the flow of ``velocity`` ``[B, 3, *S]``."""
+        y0 = torch.zeros_like(velocity)
+        if self.adjoint:
+            return odeint_adjoint(sample_velocity, y0, velocity, self.num_steps, self.solver)
+        (y1,) = odeint(lambda s: (sample_velocity(s[0], velocity),), (y0,), self.num_steps, self.solver)
+        return y1
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(displacement, velocity)``, both ``[1, 3, *S]`` in voxels of the flow grid."""
+        velocity = self.velocity_net()
+        return self.integrate(velocity), velocity

@@ -1,0 +1,87 @@
+"""Dense displacement fields in voxel units: warping, composition, exponentiation, resizing, Jacobians.
+
+A displacement field (ddf) is ``[B, 3, X, Y, Z]``; channel ``c`` is the displacement along array axis ``c`` in
+voxels of the grid it lives on, and the transform it stands for maps ``x`` to ``x + u(x)`` (pull-back: the warped
+image at ``x`` is the moving image at ``x + u(x)``), as in :class:`monai.networks.blocks.Warp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import DVF2DDF, Warp
+
+
+@lru_cache(maxsize=8)
+def _warp_layer(mode: str, padding_mode: str) -> Warp:
+    return Warp(mode=mode, padding_mode=padding_mode)
+
+
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """Sample ``image`` ``[B, C, X, Y, Z]`` at ``x + ddf(x)``; ``ddf`` is ``[B, 3, X, Y, Z]`` in voxels."""
+    return _warp_layer(mode, padding_mode)(image, ddf)
+
+
+def compose_ddf(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> y + first(y)`` with ``y = x + second(x)``: apply ``second`` then ``first``.
+
+    In pull-back terms, warping by the result equals warping by ``first`` and then by ``second``.
+    """
+    return second + warp(first, second)
+
+
+def scaling_and_squaring(velocity: torch.Tensor, num_steps: int = 7) -> torch.Tensor:
+    """Group exponential of a stationary velocity field ``[B, 3, X, Y, Z]`` (voxels) by scaling and squaring."""
+    return DVF2DDF(num_steps=num_steps, padding_mode="border")(velocity)
+
+
+def resize_ddf(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a displacement field onto a grid of another resolution covering the same field of view.
+
+    Grids are matched corner to corner (``align_corners=True``), so a displacement of one voxel on an ``N``-point
+    axis becomes ``(M - 1) / (N - 1)`` voxels on an ``M``-point axis.
+
+    Args:
+        ddf: ``[B, 3, *S]`` in voxels of the source grid.
+        shape: target spatial shape ``(X, Y, Z)``.
+    """
+    src = ddf.shape[2:]
+    if tuple(src) == tuple(shape):
+        return ddf
+    out = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
+    scale = torch.tensor(
+        [(m - 1) / max(n - 1, 1) for n, m in zip(src, shape)], dtype=ddf.dtype, device=ddf.device
+    )
+    return out * scale.view(1, -1, *([1] * len(shape)))
+
+
+def spatial_gradient(ddf: torch.Tensor) -> torch.Tensor:
+    """Jacobian of ``x + u(x)`` by central differences (one-sided at the border).
+
+    Args:
+        ddf: ``[B, 3, X, Y, Z]`` in voxels.
+
+    Returns:
+        ``[B, 3, 3, X, Y, Z]``: entry ``[:, i, j]`` is ``d(x_i + u_i) / d x_j``.
+    """
+    grads = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)
+    eye = torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
+    return grads + eye
+
+
+def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
+    """Determinant of the transform's Jacobian, ``[B, 3, X, Y, Z]`` -> ``[B, 1, X, Y, Z]`` (unitless volume ratio).
+
+    Computed in voxel coordinates, which gives the same value as in world coordinates because the transform maps the
+    fixed grid onto itself.
+    """
+    j = spatial_gradient(ddf)
+    det = (
+        j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
+        - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
+        + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0])
+    )
+    return det.unsqueeze(1)

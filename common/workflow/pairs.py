@@ -1,0 +1,115 @@
+"""The pairs a run registers (one from the command line, a datalist, or the embedded sample) and their loading."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from common.io import RegistrationInputError, check_overlap, load_image, load_label, load_landmarks
+from common.sample import sample_pair
+
+PATH_KEYS = ("fixed", "moving", "fixed_label", "moving_label", "fixed_landmarks", "moving_landmarks")
+
+
+def bundle_root(name: str) -> str:
+    """Folder of bundle ``name``: ``bundles/<name>`` beside the installed ``common`` package, else under the cwd."""
+    beside = Path(__file__).resolve().parents[2] / "bundles" / name
+    return str(beside if beside.is_dir() else Path.cwd() / "bundles" / name)
+
+
+def _datalist_pairs(datalist: str) -> list[dict[str, Any]]:
+    path = Path(datalist)
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RegistrationInputError(f"datalist '{datalist}': file not found") from None
+    except (OSError, ValueError) as e:
+        raise RegistrationInputError(f"datalist '{datalist}': not readable JSON ({e})") from None
+    entries = content.get("pairs") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise RegistrationInputError(f"datalist '{datalist}': needs a non-empty list under the key \"pairs\"")
+    pairs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("fixed") or not entry.get("moving"):
+            raise RegistrationInputError(f"datalist '{datalist}': pair {i} needs \"fixed\" and \"moving\" paths")
+        pair = {k: str((path.parent / entry[k]).resolve()) for k in PATH_KEYS if entry.get(k)}
+        pair["id"] = str(entry.get("id") or f"{i:03d}_{Path(entry['moving']).name.split('.')[0]}")
+        pairs.append(pair)
+    if len({p["id"] for p in pairs}) != len(pairs):
+        raise RegistrationInputError(f"datalist '{datalist}': pair ids must be unique")
+    return pairs
+
+
+def build_pairs(
+    fixed: str | None = None,
+    moving: str | None = None,
+    fixed_label: str | None = None,
+    moving_label: str | None = None,
+    fixed_landmarks: str | None = None,
+    moving_landmarks: str | None = None,
+    datalist: str | None = None,
+) -> list[dict[str, Any]]:
+    """Pairs to register, each a dict of paths plus ``"id"`` (``""`` for a single pair: outputs go to the root).
+
+    A datalist (``{"pairs": [{"fixed": ..., "moving": ..., ...}]}``, paths relative to the file) takes precedence;
+    with neither a datalist nor ``fixed``/``moving``, the embedded sample pair is registered.
+    """
+    if datalist:
+        return _datalist_pairs(datalist)
+    given = {
+        "fixed": fixed,
+        "moving": moving,
+        "fixed_label": fixed_label,
+        "moving_label": moving_label,
+        "fixed_landmarks": fixed_landmarks,
+        "moving_landmarks": moving_landmarks,
+    }
+    if not fixed and not moving:
+        if any(given.values()):
+            raise RegistrationInputError("labels or landmarks were given without --fixed and --moving")
+        return [{**sample_pair(), "id": ""}]
+    if not fixed or not moving:
+        raise RegistrationInputError(f"--{'fixed' if not fixed else 'moving'} is missing: give both images")
+    for a, b in (("fixed_label", "moving_label"), ("fixed_landmarks", "moving_landmarks")):
+        if bool(given[a]) != bool(given[b]):
+            raise RegistrationInputError(f"--{a} and --{b} go together: give both or neither")
+    return [{**{k: str(v) for k, v in given.items() if v}, "id": ""}]
+
+
+class LoadRegistrationPaird(MapTransform):
+    """Load and validate a pair's images, label maps and landmarks (see :mod:`common.io`).
+
+    Images become ``MetaTensor [1, X, Y, Z]`` (RAS affine), labels ``int32`` on their image's grid, landmarks
+    ``[N, 3]`` RAS mm. Raises :class:`~common.io.RegistrationInputError` naming the file and the problem.
+
+    Args:
+        landmark_convention: ``"auto"``, ``"LPS"`` or ``"RAS"`` for landmark CSVs without a header saying which.
+    """
+
+    def __init__(self, keys: KeysCollection = ("fixed", "moving"), landmark_convention: str = "auto") -> None:
+        super().__init__(keys)
+        self.landmark_convention = landmark_convention
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in ("fixed", "moving"):
+            d[f"{key}_path"] = d[key]
+            d[key] = load_image(d[key], role=f"{key} image")
+        check_overlap(d["fixed"], d["moving"])
+        for key in ("fixed", "moving"):
+            if d.get(f"{key}_label"):
+                d[f"{key}_label"] = load_label(d[f"{key}_label"], d[key], role=f"{key} label map")
+            if d.get(f"{key}_landmarks"):
+                d[f"{key}_landmarks"] = load_landmarks(
+                    d[f"{key}_landmarks"], self.landmark_convention, role=f"{key} landmarks"
+                )
+        if "fixed_landmarks" in d and len(d["fixed_landmarks"]) != len(d["moving_landmarks"]):
+            raise RegistrationInputError(
+                f"landmarks: {len(d['fixed_landmarks'])} fixed but {len(d['moving_landmarks'])} moving points"
+            )
+        return d

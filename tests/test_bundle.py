@@ -1,0 +1,126 @@
+"""The node_mind bundle end to end: config properties, outputs of the contract, ITK agreement, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+
+from common.io import RegistrationInputError
+from common.synthesis import render_contrast
+
+from .conftest import phantom_labels, smooth_field
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
+FAST = {"registration#levels": [1], "registration#iterations": [15], "progress": False}
+
+
+def _write_pair(folder: Path) -> dict[str, str]:
+    """A tiny T2/T1 pair with labels and a known warp between: fixed LIA with anisotropic spacing, moving RAI."""
+    from common.spatial import warp
+
+    labels = phantom_labels((30, 34, 28))
+    moved = warp(labels[None, None].float(), smooth_field(labels.shape, 2.0, seed=1), mode="nearest")[0, 0]
+    fixed_affine = np.array([[-1.1, 0, 0, 20.0], [0, 0, 1.3, -15.0], [0, -0.9, 0, 18.0], [0, 0, 0, 1]])
+    # moving voxel (a, b, c) is fixed voxel (X-1-a, c, b): same world content, another axis order
+    to_fixed = np.array([[-1, 0, 0, labels.shape[0] - 1], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
+    moving_affine = fixed_affine @ to_fixed
+    moving_labels = np.ascontiguousarray(np.flip(moved.numpy(), 0).transpose(0, 2, 1)).astype(np.int16)
+    paths = {}
+    for key, data, affine in [
+        ("fixed", 1000 * render_contrast(labels.numpy(), "t2", seed=1), fixed_affine),
+        ("moving", 800 * render_contrast(moving_labels, "t1", seed=2), moving_affine),
+        ("fixed_label", labels.numpy().astype(np.int16), fixed_affine),
+        ("moving_label", moving_labels, moving_affine),
+    ]:
+        paths[key] = str(folder / f"{key}.nii.gz")
+        nib.save(nib.Nifti1Image(data, affine), paths[key])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, str]:
+    return _write_pair(tmp_path_factory.mktemp("pair"))
+
+
+def _workflow(**overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer", **{**FAST, **overrides})
+
+
+def test_workflow_has_every_required_property():
+    workflow = _workflow()
+    assert workflow.check_properties() == []
+
+
+@pytest.fixture(scope="module")
+def registered(pair, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out")
+    workflow = _workflow(output_dir=str(out), device="cpu", **pair)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return out
+
+
+def test_outputs_of_the_contract(registered, pair):
+    names = {p.name for p in registered.iterdir()}
+    assert {"warped.nii.gz", "ddf.nii.gz", "jacobian.nii.gz", "warped_label.nii.gz", "metrics.json", "qc.png"} <= names
+    assert not [n for n in names if ".tmp" in n]
+    fixed = nib.load(pair["fixed"])
+    for name in ("warped.nii.gz", "jacobian.nii.gz", "warped_label.nii.gz"):
+        img = nib.load(registered / name)
+        assert img.shape == fixed.shape and np.allclose(img.affine, fixed.affine, atol=1e-4)
+    metrics = json.loads((registered / "metrics.json").read_text())
+    assert metrics["bundle"] == "node_mind" and metrics["device"] == "cpu"
+    assert metrics["iterations"] == 15 and metrics["time_s"]["total"] > 0 and metrics["peak_memory_mb"] > 0
+    assert metrics["nonpositive_jacobian_percent"] < 0.1
+    assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"]
+    assert set(metrics["hd95_mm"]) == {"before", "after"}
+
+
+def test_itk_applies_our_field_like_we_do(registered, pair):
+    """ITK's own resampler with our ddf.nii.gz reproduces warped.nii.gz (non-RAS, anisotropic fixed grid)."""
+    field = itk.imread(str(registered / "ddf.nii.gz"), itk.Vector[itk.F, 3])
+    moving = itk.imread(pair["moving"], itk.F)
+    fixed = itk.imread(pair["fixed"], itk.F)
+    warped_itk = itk.warp_image_filter(moving, displacement_field=field, output_parameters_from_image=fixed)
+    ours = np.asarray(nib.load(registered / "warped.nii.gz").dataobj)
+    theirs = np.transpose(itk.array_from_image(warped_itk), (2, 1, 0))  # ITK arrays are [z, y, x]
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(ours).max()
+
+
+def test_datalist_registers_every_pair_and_writes_a_summary(pair, tmp_path):
+    datalist = tmp_path / "list.json"
+    entry = {k: os.path.relpath(v, tmp_path) for k, v in pair.items()}
+    datalist.write_text(json.dumps({"pairs": [{**entry, "id": "a"}, {**entry, "id": "b", "fixed_label": ""}]}))
+    workflow = _workflow(datalist=str(datalist), output_dir=str(tmp_path / "out"), device="cpu", save_qc=False)
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as failure:  # pair b has a moving label without a fixed one
+        workflow.run()
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("id,status") and len(summary) == 3
+    assert (tmp_path / "out" / "a" / "warped.nii.gz").is_file()
+    assert isinstance(failure.value.__cause__, RegistrationInputError) or "failed" in str(failure.value)
+
+
+def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
+    bad = tmp_path / "nan.nii.gz"
+    data = np.asarray(nib.load(pair["moving"]).dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, nib.load(pair["moving"]).affine), bad)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--fixed", pair["fixed"],
+           "--moving", str(bad), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    assert "error: moving image" in result.stderr and "NaN" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -1,0 +1,120 @@
+"""Packaging checks: bundle metadata against the shipped schema, the install requirements, CI and README."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+from packaging.requirements import Requirement
+
+tomllib = pytest.importorskip("tomllib")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "bundles" / "schema" / "meta_schema_20240725.json"
+SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"  # the published file, unchanged
+NODE_MIND = ROOT / "bundles" / "node_mind" / "configs"
+
+
+def _metadata() -> dict:
+    return json.loads((NODE_MIND / "metadata.json").read_text())
+
+
+def _requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {req.name.lower(): req for req in map(Requirement, project["dependencies"])}
+
+
+def _readme_command(marker: str) -> str:
+    readme = ROOT / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md is not written yet")
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme.read_text(), flags=re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines() if marker in line]
+    assert lines, f"README.md has no command containing {marker!r}"
+    return lines[0]
+
+
+def test_metadata_valid_against_shipped_schema():
+    metadata = _metadata()
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    jsonschema.validate(metadata, schema)
+    # monai.bundle.verify_metadata reads the local copy only when it bears the URL's file name
+    assert metadata["schema"].rsplit("/", 1)[-1] == SCHEMA.name
+
+
+def test_verify_metadata_uses_local_schema_without_network(monkeypatch):
+    import monai.apps.utils
+    from monai.bundle import verify_metadata
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("verify_metadata tried to download the schema")
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", no_download)
+    verify_metadata(meta_file=str(NODE_MIND / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_MD5)
+
+
+def test_metadata_network_io():
+    io = _metadata()["network_data_format"]
+    assert {k: v["num_channels"] for k, v in io["inputs"].items()} == {"fixed": 1, "moving": 1}
+    assert {k: v["num_channels"] for k, v in io["outputs"].items()} == {"ddf": 3}
+    for tensor in [*io["inputs"].values(), *io["outputs"].values()]:
+        assert tensor["spatial_shape"] == ["*", "*", "*"]
+
+
+def test_metadata_versions_agree_with_pyproject():
+    metadata, requirements = _metadata(), _requirements()
+    assert requirements["monai"].specifier.contains(metadata["monai_version"])
+    assert requirements["torch"].specifier.contains(metadata["pytorch_version"])
+
+
+def test_pyproject_pulls_no_cuda_build():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert project["name"] == "monai-multimodal-registration"
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["common*"]
+    requirements = _requirements()
+    extras = [Requirement(r) for reqs in project["optional-dependencies"].values() for r in reqs]
+    for req in [*requirements.values(), *extras]:
+        assert not req.name.lower().startswith("nvidia"), req
+        assert req.url is None, req
+    torch = requirements["torch"]
+    assert torch.specifier, "torch must be constrained"
+    assert all(spec.operator in (">=", ">", "<", "<=", "!=") for spec in torch.specifier), torch
+    assert all("+" not in spec.version for spec in torch.specifier), torch
+
+
+def test_pyproject_version_matches_package():
+    import common
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == common.__version__
+
+
+def test_logging_conf_has_console_handler():
+    parser = configparser.ConfigParser(interpolation=None)
+    assert parser.read(NODE_MIND / "logging.conf")
+    assert parser["logger_root"]["handlers"] in parser["handlers"]["keys"]
+    assert parser["handler_console"]["class"] == "StreamHandler"
+    assert "%(asctime)s" in parser["formatter_timed"]["format"]
+
+
+def test_readme_torch_pin_satisfies_requirement():
+    command = _readme_command("python -m pytest")
+    pinned = re.search(r"pip install torch==(\S+)", command)
+    assert pinned, command
+    assert _requirements()["torch"].specifier.contains(pinned.group(1))
+
+
+def test_ci_runs_readme_test_command():
+    command = _readme_command("python -m pytest")
+    ci = ROOT / ".ci" / "run"
+    assert os.access(ci, os.X_OK)
+    assert command in ci.read_text()
+    subprocess.run(["bash", "-n", str(ci)], check=True)
