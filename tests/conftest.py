@@ -13,11 +13,14 @@ from common.spatial import identity_grid, warp
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # FreeSurfer values, so that common.synthesis renders realistic contrasts
-WM, CORTEX, VENTRICLE, THALAMUS, CSF = 2, 3, 4, 10, 24
+WM, CORTEX, VENTRICLE, THALAMUS = 2, 3, 4, 10
 
 
 def phantom_labels(shape=(36, 40, 34)) -> torch.Tensor:
-    """Nested ellipsoids (CSF > cortex > white matter with two thalami and a ventricle), ``[X, Y, Z]`` int64."""
+    """Nested ellipsoids (cortex around white matter, two thalami, a ventricle), ``[X, Y, Z]`` int64.
+
+    No outer CSF layer: in T1 it is as dark as the background, so its outer edge has no counterpart across contrasts.
+    """
     grid = identity_grid(shape)
     c = torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
     x = (grid - c) / torch.tensor([s / 2 for s in shape]).view(3, 1, 1, 1)
@@ -28,7 +31,6 @@ def phantom_labels(shape=(36, 40, 34)) -> torch.Tensor:
         return (((x - ctr) / r) ** 2).sum(0) <= 1
 
     labels = torch.zeros(shape, dtype=torch.int64)
-    labels[inside((0, 0, 0), (0.85, 0.85, 0.8))] = CSF
     labels[inside((0, 0, 0), (0.78, 0.78, 0.72))] = CORTEX
     labels[inside((0, 0, 0), (0.62, 0.62, 0.56))] = WM
     labels[inside((-0.25, 0.1, 0), (0.15, 0.2, 0.18))] = THALAMUS

@@ -21,7 +21,7 @@ from .conftest import phantom_labels, smooth_field
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
-FAST = {"registration#levels": [1], "registration#iterations": [15], "progress": False}
+FAST = {"registration#levels": [1], "registration#iterations": [40], "registration#flow_spacing_mm": 2.0, "progress": False}
 
 
 def _write_pair(folder: Path) -> dict[str, str]:
@@ -29,7 +29,7 @@ def _write_pair(folder: Path) -> dict[str, str]:
     from common.spatial import warp
 
     labels = phantom_labels((30, 34, 28))
-    moved = warp(labels[None, None].float(), smooth_field(labels.shape, 2.0, seed=1), mode="nearest")[0, 0]
+    moved = warp(labels[None, None].float(), smooth_field(labels.shape, 3.5, seed=1), mode="nearest")[0, 0]
     fixed_affine = np.array([[-1.1, 0, 0, 20.0], [0, 0, 1.3, -15.0], [0, -0.9, 0, 18.0], [0, 0, 0, 1]])
     # moving voxel (a, b, c) is fixed voxel (X-1-a, c, b): same world content, another axis order
     to_fixed = np.array([[-1, 0, 0, labels.shape[0] - 1], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -58,6 +58,7 @@ def _workflow(**overrides) -> ConfigWorkflow:
 
 def test_workflow_has_every_required_property():
     workflow = _workflow()
+    workflow.initialize()
     assert workflow.check_properties() == []
 
 
@@ -81,7 +82,7 @@ def test_outputs_of_the_contract(registered, pair):
         assert img.shape == fixed.shape and np.allclose(img.affine, fixed.affine, atol=1e-4)
     metrics = json.loads((registered / "metrics.json").read_text())
     assert metrics["bundle"] == "node_mind" and metrics["device"] == "cpu"
-    assert metrics["iterations"] == 15 and metrics["time_s"]["total"] > 0 and metrics["peak_memory_mb"] > 0
+    assert metrics["iterations"] == 40 and metrics["time_s"]["total"] > 0 and metrics["peak_memory_mb"] > 0
     assert metrics["nonpositive_jacobian_percent"] < 0.1
     assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"]
     assert set(metrics["hd95_mm"]) == {"before", "after"}
@@ -101,15 +102,17 @@ def test_itk_applies_our_field_like_we_do(registered, pair):
 def test_datalist_registers_every_pair_and_writes_a_summary(pair, tmp_path):
     datalist = tmp_path / "list.json"
     entry = {k: os.path.relpath(v, tmp_path) for k, v in pair.items()}
-    datalist.write_text(json.dumps({"pairs": [{**entry, "id": "a"}, {**entry, "id": "b", "fixed_label": ""}]}))
+    datalist.write_text(json.dumps({"pairs": [{**entry, "id": "a"}, {**entry, "id": "b", "moving": "missing.nii.gz"}]}))
     workflow = _workflow(datalist=str(datalist), output_dir=str(tmp_path / "out"), device="cpu", save_qc=False)
     workflow.initialize()
-    with pytest.raises(RuntimeError) as failure:  # pair b has a moving label without a fixed one
+    with pytest.raises(RuntimeError) as failure:  # pair b's moving image does not exist
         workflow.run()
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("id,status") and len(summary) == 3
-    assert (tmp_path / "out" / "a" / "warped.nii.gz").is_file()
-    assert isinstance(failure.value.__cause__, RegistrationInputError) or "failed" in str(failure.value)
+    assert summary[1].startswith("a,ok") and summary[2].startswith("b,failed") and "missing.nii.gz" in summary[2]
+    assert (tmp_path / "out" / "a" / "warped.nii.gz").is_file() and not (tmp_path / "out" / "b").exists()
+    assert isinstance(failure.value.__cause__, RegistrationInputError)
+    assert "1 of 2 pairs failed" in str(failure.value.__cause__)
 
 
 def test_cli_reports_bad_input_in_one_line(pair, tmp_path):

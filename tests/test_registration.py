@@ -39,12 +39,12 @@ def _inferer(**overrides) -> InstanceOptimizationInferer:
 
 def test_known_deformation_is_recovered_across_contrasts():
     labels = phantom_labels()
-    truth = smooth_field(labels.shape, amplitude=2.5, seed=3)  # moving = fixed anatomy pulled by ``truth``
+    truth = smooth_field(labels.shape, amplitude=5.0, seed=3)  # moving = fixed anatomy pulled by ``truth``
     moving_labels = warp(labels[None, None].float(), truth, mode="nearest")[0, 0].long()
     fixed = torch.as_tensor(render_contrast(labels, "t2", seed=1))[None, None]
     moving = torch.as_tensor(render_contrast(moving_labels, "t1", seed=2))[None, None]
 
-    inferer = _inferer()
+    inferer = _inferer(levels=(2, 1), iterations=(60, 60))
     ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
 
     warped_labels = warp(moving_labels[None, None].float(), ddf, mode="nearest")[0, 0].long()
@@ -55,8 +55,8 @@ def test_known_deformation_is_recovered_across_contrasts():
     brain = (labels > 0)[None, None].expand_as(ddf)
     error_before = expected[brain].abs().mean()
     error_after = (ddf - expected)[brain].abs().mean()
-    assert dice_after > dice_before + 0.08, (dice_before, dice_after)
-    assert error_after < 0.5 * error_before, (error_before, error_after)
+    assert dice_after > dice_before + 0.2, (dice_before, dice_after)  # measured: 0.65 -> 0.93
+    assert error_after < 0.6 * error_before, (error_before, error_after)  # measured: 0.80 -> 0.39 voxel
     assert (jacobian_determinant(ddf) > 0).all()
 
 

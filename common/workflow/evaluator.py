@@ -49,13 +49,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def input_error_cause(error: BaseException) -> RegistrationInputError | None:
+    """The user-input error behind ``error``, which MONAI's transforms and config parser wrap in RuntimeErrors."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, RegistrationInputError):
+        cause = cause.__cause__
+    return cause
+
+
 def _input_error_hook(previous: Callable) -> Callable:
-    """An excepthook that prints a user-input error (possibly wrapped by the config parser) as one line."""
+    """An excepthook that prints a user-input error as one line instead of a stack trace."""
 
     def hook(kind: type, error: BaseException, tb: Any) -> None:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, RegistrationInputError):
-            cause = cause.__cause__
+        cause = input_error_cause(error)
         if cause is None:
             previous(kind, error, tb)
         else:
@@ -144,9 +150,12 @@ class RegistrationEvaluator(Engine):
         pair_id = self.dataset.data[index].get("id", "")
         try:
             row = self.register(index)
-        except RegistrationInputError as e:
-            logger.error(f"{pair_id or 'pair'}: {e}")
-            row = {"id": pair_id, "status": "failed", "error": str(e), "exception": e}
+        except Exception as e:
+            cause = input_error_cause(e)
+            if cause is None:
+                raise
+            logger.error(f"{pair_id or 'pair'}: {cause}")
+            row = {"id": pair_id, "status": "failed", "error": str(cause), "exception": cause}
         self.summary.append(row)
 
     def register(self, index: int) -> dict[str, Any]:
@@ -213,6 +222,7 @@ class RegistrationEvaluator(Engine):
 
         affine = a_fixed.numpy()
         ddf_cpu = ddf[0].cpu()
+        out.mkdir(parents=True, exist_ok=True)
         save_image(warped[0].cpu(), affine, out / "warped.nii.gz", dtype=np.float32)
         save_ddf_itk(ddf_cpu, affine, out / "ddf.nii.gz")
         save_image(det.cpu(), affine, out / "jacobian.nii.gz", dtype=np.float32)

@@ -22,6 +22,13 @@ def bundle_root(name: str) -> str:
     return str(beside if beside.is_dir() else Path.cwd() / "bundles" / name)
 
 
+def _check_companions(pair: Mapping[str, Any], where: str = "") -> None:
+    """Labels and landmarks come in fixed/moving pairs."""
+    for a, b in (("fixed_label", "moving_label"), ("fixed_landmarks", "moving_landmarks")):
+        if bool(pair.get(a)) != bool(pair.get(b)):
+            raise RegistrationInputError(f"{where}--{a} and --{b} go together: give both or neither")
+
+
 def _datalist_pairs(datalist: str) -> list[dict[str, Any]]:
     path = Path(datalist)
     try:
@@ -39,6 +46,7 @@ def _datalist_pairs(datalist: str) -> list[dict[str, Any]]:
             raise RegistrationInputError(f"datalist '{datalist}': pair {i} needs \"fixed\" and \"moving\" paths")
         pair = {k: str((path.parent / entry[k]).resolve()) for k in PATH_KEYS if entry.get(k)}
         pair["id"] = str(entry.get("id") or f"{i:03d}_{Path(entry['moving']).name.split('.')[0]}")
+        _check_companions(pair, f"datalist '{datalist}', pair {pair['id']}: ")
         pairs.append(pair)
     if len({p["id"] for p in pairs}) != len(pairs):
         raise RegistrationInputError(f"datalist '{datalist}': pair ids must be unique")
@@ -75,9 +83,7 @@ def build_pairs(
         return [{**sample_pair(), "id": ""}]
     if not fixed or not moving:
         raise RegistrationInputError(f"--{'fixed' if not fixed else 'moving'} is missing: give both images")
-    for a, b in (("fixed_label", "moving_label"), ("fixed_landmarks", "moving_landmarks")):
-        if bool(given[a]) != bool(given[b]):
-            raise RegistrationInputError(f"--{a} and --{b} go together: give both or neither")
+    _check_companions(given)
     return [{**{k: str(v) for k, v in given.items() if v}, "id": ""}]
 
 
