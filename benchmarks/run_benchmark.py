@@ -183,8 +183,12 @@ def on_fixed_grid(path: Path, fixed: nib.Nifti1Image) -> np.ndarray:
     return np.asanyarray(image.dataobj).reshape(fixed.shape[:3])
 
 
-def run_method(pair: Pair, method: str, out_dir: Path, threads: int, timeout: float) -> dict[str, object]:
-    """Run ``method`` on ``pair`` in its own process and score its outputs."""
+def run_method(
+    pair: Pair, method: str, out_dir: Path, threads: int, timeout: float, resume: bool = False
+) -> dict[str, object]:
+    """Run ``method`` on ``pair`` in its own process and score its outputs (``resume``: reuse a finished run)."""
+    if resume and (out_dir / "run.json").is_file():
+        return score_outputs(pair, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).with_name("peers.py")), method, "--output_dir", str(out_dir)]
     for key in ("fixed", "moving", "fixed_label", "moving_label"):
@@ -199,6 +203,13 @@ def run_method(pair: Pair, method: str, out_dir: Path, threads: int, timeout: fl
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"status": f"failed ({done.returncode}): {last}"}
+    row = score_outputs(pair, out_dir)
+    row["process_s"] = time.perf_counter() - start
+    return row
+
+
+def score_outputs(pair: Pair, out_dir: Path) -> dict[str, object]:
+    """Scores of the outputs a method left in ``out_dir``, with its own wall time and peak memory."""
     try:
         report = json.loads((out_dir / "run.json").read_text())
         fixed = nib.load(str(pair.fixed))
@@ -208,7 +219,6 @@ def run_method(pair: Pair, method: str, out_dir: Path, threads: int, timeout: fl
         return {"status": f"bad output: {error}"}
     row = score(pair, warped_label, jacobian)
     row.update(status="ok", time_s=report["wall_s"], memory_mb=report["peak_rss_mb"])
-    row["process_s"] = time.perf_counter() - start
     return row
 
 
@@ -292,6 +302,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="rendered pairs (default: OUTPUT/cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair list and of the renderings")
     parser.add_argument("--threads", type=int, default=2, help="threads per method")
+    parser.add_argument("--resume", action="store_true", help="reuse method-pairs already finished in OUTPUT/runs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="score finished method-pairs only; run nothing new"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a method-pair is given up")
     args = parser.parse_args()
     datasets = [d for d in args.datasets.split(",") if d]
@@ -309,7 +323,9 @@ def main() -> None:
                 row = {"status": "ok", **before_registration(pair)}
             else:
                 out_dir = args.output / "runs" / pair.dataset / pair.name / method
-                row = run_method(pair, method, out_dir, args.threads, args.timeout)
+                if args.report_only and not (out_dir / "run.json").is_file():
+                    continue
+                row = run_method(pair, method, out_dir, args.threads, args.timeout, args.resume or args.report_only)
             rows.append({"dataset": pair.dataset, "pair": pair.name, "method": method, **row})
             dice = f"Dice {row['dice']:.3f}" if row["status"] == "ok" else row["status"]
             print(f"{pair.dataset} {pair.name} {method}: {dice}", flush=True)

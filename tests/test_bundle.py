@@ -12,12 +12,13 @@ import itk
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
 from common.io import RegistrationInputError
 from common.synthesis import render_contrast
 
-from .conftest import phantom_labels, smooth_field
+from .conftest import invert_field, phantom_labels, smooth_field
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
@@ -29,7 +30,8 @@ def _write_pair(folder: Path) -> dict[str, str]:
     from common.spatial import warp
 
     labels = phantom_labels((30, 34, 28))
-    moved = warp(labels[None, None].float(), smooth_field(labels.shape, 3.5, seed=1), mode="nearest")[0, 0]
+    truth = smooth_field(labels.shape, 3.5, seed=1)
+    moved = warp(labels[None, None].float(), truth, mode="nearest")[0, 0]
     fixed_affine = np.array([[-1.1, 0, 0, 20.0], [0, 0, 1.3, -15.0], [0, -0.9, 0, 18.0], [0, 0, 0, 1]])
     # moving voxel (a, b, c) is fixed voxel (X-1-a, c, b): same world content, another axis order
     to_fixed = np.array([[-1, 0, 0, labels.shape[0] - 1], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -44,6 +46,13 @@ def _write_pair(folder: Path) -> dict[str, str]:
     ]:
         paths[key] = str(folder / f"{key}.nii.gz")
         nib.save(nib.Nifti1Image(data, affine), paths[key])
+    # landmarks: fixed voxel x shows the anatomy that sits at x + truth^-1(x) in the moving image
+    points = torch.tensor([[10, 12, 9], [20, 15, 14], [15, 22, 18], [12, 20, 10], [18, 10, 20]])
+    inverse = invert_field(truth)[0, :, points[:, 0], points[:, 1], points[:, 2]].T.double()
+    for key, voxels in (("fixed_landmarks", points.double()), ("moving_landmarks", points.double() + inverse)):
+        world = voxels.numpy() @ fixed_affine[:3, :3].T + fixed_affine[:3, 3]
+        paths[key] = str(folder / f"{key}.csv")
+        Path(paths[key]).write_text("x,y,z (RAS mm)\n" + "".join(f"{a},{b},{c}\n" for a, b, c in world))
     return paths
 
 
@@ -86,6 +95,7 @@ def test_outputs_of_the_contract(registered, pair):
     assert metrics["nonpositive_jacobian_percent"] < 0.1
     assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"]
     assert set(metrics["hd95_mm"]) == {"before", "after"}
+    assert metrics["tre_mm"]["after"]["mean"] < 0.7 * metrics["tre_mm"]["before"]["mean"]
 
 
 def test_itk_applies_our_field_like_we_do(registered, pair):
@@ -102,6 +112,7 @@ def test_itk_applies_our_field_like_we_do(registered, pair):
 def test_datalist_registers_every_pair_and_writes_a_summary(pair, tmp_path):
     datalist = tmp_path / "list.json"
     entry = {k: os.path.relpath(v, tmp_path) for k, v in pair.items()}
+    entry = {k: v for k, v in entry.items() if "landmarks" not in k}
     datalist.write_text(json.dumps({"pairs": [{**entry, "id": "a"}, {**entry, "id": "b", "moving": "missing.nii.gz"}]}))
     workflow = _workflow(datalist=str(datalist), output_dir=str(tmp_path / "out"), device="cpu", save_qc=False)
     workflow.initialize()

@@ -59,7 +59,6 @@ def create_pair_engine(
         description: label of the progress bar and the log lines.
     """
     engine = Engine(lambda e, _: step())
-    engine.state_dict_user_keys.append("ema")
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _smooth(e: Engine) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +74,20 @@ def _masks(p: torch.Tensor, r: torch.Tensor, label: int, box: tuple[slice, ...])
     return (p[box] == label)[None, None], (r[box] == label)[None, None]
 
 
+def _per_label(
+    pred: torch.Tensor | np.ndarray,
+    ref: torch.Tensor | np.ndarray,
+    labels: Sequence[int] | None,
+    metric: Callable[[torch.Tensor, torch.Tensor], float],
+) -> dict[int, float]:
+    """``metric`` of the two masks of each label, cropped to their joint bounding box; NaN for a label in neither."""
+    p, r, labels = _labels_and_volumes(pred, ref, labels)
+    return {
+        label: math.nan if box is None else metric(*_masks(p, r, label, box))
+        for label, box in zip(labels, _label_boxes(p, r, labels))
+    }
+
+
 def dice_per_label(
     pred: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, labels: Sequence[int] | None = None
 ) -> dict[int, float]:
@@ -87,15 +101,9 @@ def dice_per_label(
     Returns:
         ``{label: dice}``; a label present in only one map scores 0, a label absent from both is NaN.
     """
-    p, r, labels = _labels_and_volumes(pred, ref, labels)
-    scores: dict[int, float] = {}
-    for label, box in zip(labels, _label_boxes(p, r, labels)):
-        if box is None:
-            scores[label] = math.nan
-            continue
-        mp, mr = _masks(p, r, label, box)
-        scores[label] = float(compute_dice(mp, mr, include_background=True, ignore_empty=False))
-    return scores
+    return _per_label(
+        pred, ref, labels, lambda mp, mr: float(compute_dice(mp, mr, include_background=True, ignore_empty=False))
+    )
 
 
 def hd95_per_label(
@@ -115,20 +123,14 @@ def hd95_per_label(
     Returns:
         ``{label: hd95_mm}``; NaN for a label missing from either map, where the distance is undefined.
     """
-    p, r, labels = _labels_and_volumes(pred, ref, labels)
-    spacing = [float(s) for s in spacing]
-    scores: dict[int, float] = {}
-    for label, box in zip(labels, _label_boxes(p, r, labels)):
-        if box is None:
-            scores[label] = math.nan
-            continue
-        mp, mr = _masks(p, r, label, box)
+    mm = [float(s) for s in spacing]
+
+    def hd95(mp: torch.Tensor, mr: torch.Tensor) -> float:
         if not mp.any() or not mr.any():
-            scores[label] = math.nan
-            continue
-        hd = compute_hausdorff_distance(mp, mr, include_background=True, percentile=95, spacing=spacing)
-        scores[label] = float(hd)
-    return scores
+            return math.nan
+        return float(compute_hausdorff_distance(mp, mr, include_background=True, percentile=95, spacing=mm))
+
+    return _per_label(pred, ref, labels, hd95)
 
 
 def mean_dict(scores: Mapping[int, float]) -> float:
