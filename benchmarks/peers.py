@@ -47,14 +47,6 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
 
 
-def save_on_grid(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Write ``array`` with the grid (affine) of ``reference``."""
-    image = nib.Nifti1Image(array, reference.affine)
-    image.set_qform(reference.affine, code=1)
-    image.set_sform(reference.affine, code=1)
-    nib.save(image, str(path))
-
-
 def run_ants(args: argparse.Namespace, **options: object) -> float:
     """ANTs ``SyNOnly`` (antspyx defaults: Mattes mutual information) with ``options`` passed to the registration."""
     import ants
@@ -97,6 +89,7 @@ def run_convexadam(args: argparse.Namespace) -> float:
     from nibabel.processing import resample_from_to
     from scipy.ndimage import map_coordinates
 
+    from common.io import save_image
     from common.spatial import jacobian_determinant
 
     start = time.perf_counter()
@@ -112,8 +105,8 @@ def run_convexadam(args: argparse.Namespace) -> float:
     labels = np.asanyarray(label_image.dataobj)
     warped_label = map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(np.int16)
     jacobian = jacobian_determinant(torch.from_numpy(ddf)[None])[0, 0].numpy()
-    save_on_grid(warped_label, fixed_image, args.output_dir / "warped_label.nii.gz")
-    save_on_grid(jacobian.astype(np.float32), fixed_image, args.output_dir / "jacobian.nii.gz")
+    save_image(warped_label, fixed_image.affine, args.output_dir / "warped_label.nii.gz")
+    save_image(jacobian.astype(np.float32), fixed_image.affine, args.output_dir / "jacobian.nii.gz")
     return time.perf_counter() - start
 
 
