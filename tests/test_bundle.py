@@ -22,7 +22,7 @@ from .conftest import invert_field, phantom_labels, smooth_field
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
-FAST = {"registration#levels": [1], "registration#iterations": [40], "registration#flow_spacing_mm": 2.0, "progress": False}
+FAST = {"registration#levels": [1], "registration#iterations": [40], "registration#flow_downsample": 2, "progress": False}
 
 
 def _write_pair(folder: Path) -> dict[str, str]:

@@ -30,7 +30,7 @@ def _inferer(**overrides) -> InstanceOptimizationInferer:
         levels=(1,),
         iterations=(80,),
         learning_rate=5e-3,
-        flow_spacing=2.0,
+        flow_downsample=2.0,
         progress=False,
     )
     options.update(overrides)

@@ -44,7 +44,7 @@ class InstanceOptimizationInferer(Inferer):
     """Register a pair by optimising a transform model's parameters on that pair alone.
 
     The transform model, built by ``network(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
-    of ``flow_spacing`` mm (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
+    ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
     ``similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
     descriptor (identity when None), optimised with Adam over ``levels`` (image downsampling factors, coarse to
     fine), each for its number of ``iterations``.
@@ -57,7 +57,8 @@ class InstanceOptimizationInferer(Inferer):
         levels: downsampling factor of the images at each stage, e.g. ``(2, 1)``.
         iterations: Adam steps at each stage.
         learning_rate: Adam learning rate.
-        flow_spacing: voxel size of the flow grid in mm (never finer than the image).
+        flow_downsample: the flow grid's isotropic voxel size as a multiple of the image's finest voxel size (2: a
+            2 mm flow grid for a 1 mm image, 4 mm for 2 mm; never finer than the image along any axis).
         jacobian_weight, jacobian_epsilon: weight and threshold of the penalty barrier on ``det J``.
         smoothness_weight: weight of the displacement's squared forward differences.
         magnitude_weight: weight of the squared velocity.
@@ -78,7 +79,7 @@ class InstanceOptimizationInferer(Inferer):
         levels: Sequence[int] = (2, 1),
         iterations: Sequence[int] = (250, 50),
         learning_rate: float = 5e-3,
-        flow_spacing: float = 2.0,
+        flow_downsample: float = 2.0,
         jacobian_weight: float = 2.5,
         jacobian_epsilon: float = 0.5,
         smoothness_weight: float = 0.05,
@@ -96,7 +97,7 @@ class InstanceOptimizationInferer(Inferer):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
         self.similarity, self.descriptor, self.warp_descriptor = similarity, descriptor, warp_descriptor
         self.levels, self.iterations = [int(f) for f in levels], [int(n) for n in iterations]
-        self.learning_rate, self.flow_spacing = learning_rate, flow_spacing
+        self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
         self.weights = (jacobian_weight, smoothness_weight, magnitude_weight)
         self.jacobian = JacobianBarrierLoss(jacobian_epsilon)
         self.smoothness = DisplacementSmoothnessLoss()
@@ -150,7 +151,7 @@ class InstanceOptimizationInferer(Inferer):
         """
         device, shape = fixed.device, tuple(fixed.shape[2:])
         fixed, moving = (convert_to_tensor(self.normalise(x.float()), track_meta=False) for x in (fixed, moving))
-        flow_shape = scaled_shape(shape, spacing, self.flow_spacing)
+        flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
         model = self.build_model(network, flow_shape, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
         w_jac, w_smooth, w_mag = self.weights

@@ -1,3 +1,3 @@
-from .rkhs import RKHSSmoother, laplacian_eigenvalues
+from .rkhs import RKHSSmoother, laplacian_eigenvalues, sine_basis
 
-__all__ = ["RKHSSmoother", "laplacian_eigenvalues"]
+__all__ = ["RKHSSmoother", "laplacian_eigenvalues", "sine_basis"]
