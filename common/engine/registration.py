@@ -16,7 +16,7 @@ from monai.utils import convert_to_tensor
 
 from common.losses.regularizers import DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
 from common.spatial.fields import resize_ddf, warp
-from common.spatial.grids import scaled_shape
+from common.spatial.grids import identity_grid, scaled_shape
 
 from .optimizer import BestState, create_pair_engine
 
@@ -69,6 +69,7 @@ class InstanceOptimizationInferer(Inferer):
         progress: show progress bars.
         sample_points: at stages with more voxels than this, compare descriptors at this many random voxels per
             iteration (a stochastic gradient, as elastix's random sampler) instead of at all voxels; None: all.
+            A similarity with a ``patch_size`` attribute (local MI) gets whole random patches instead.
     """
 
     def __init__(
@@ -117,9 +118,8 @@ class InstanceOptimizationInferer(Inferer):
         if not self.sample_points or math.prod(shape) <= self.sample_points or not self.warp_descriptor:
             warped = warp(source, resize_ddf(displacement, shape))
             return self.similarity(warped if self.warp_descriptor else self._describe(warped), target)
-        index = torch.randint(0, math.prod(shape), (self.sample_points,), device=target.device)
+        points = self._random_points(shape, target.device)
         size = torch.tensor(shape, device=target.device)
-        points = torch.stack([index // (size[1] * size[2]), (index // size[2]) % size[1], index % size[2]], dim=1)
         scale = (size - 1).clamp(min=1).to(displacement.dtype)
         # both grids span the same field of view corner to corner, so normalised coordinates are shared
         normalised = 2 * points.to(displacement.dtype) / scale - 1
@@ -127,7 +127,22 @@ class InstanceOptimizationInferer(Inferer):
         u = _sample_points(displacement, normalised) * (scale / (flow_size - 1).clamp(min=1)).view(1, 3, 1)
         moved = normalised.T[None] + 2 * u / scale.view(1, 3, 1)
         warped = _sample_points(source, moved[0].T)
+        index = (points[:, 0] * size[1] + points[:, 1]) * size[2] + points[:, 2]
         return self.similarity(warped, target.flatten(2)[:, :, index])
+
+    def _random_points(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape``, grouped in whole patches when the
+        similarity compares patches (it has a ``patch_size``): ``N = sample_points // patch_size**3`` patches of
+        ``patch_size**3`` consecutive points each."""
+        size = torch.tensor(shape, device=device)
+        patch = getattr(self.similarity, "patch_size", None)
+        if patch is None:
+            index = torch.randint(0, math.prod(shape), (self.sample_points,), device=device)
+            return torch.stack([index // (size[1] * size[2]), (index // size[2]) % size[1], index % size[2]], dim=1)
+        count = max(1, self.sample_points // patch**3)
+        origins = (torch.rand(count, 3, device=device) * (size - patch + 1)).long()
+        offsets = identity_grid((patch,) * 3, device=device, dtype=torch.long).flatten(1).T
+        return (origins[:, None] + offsets[None]).reshape(-1, 3)
 
     def build_model(self, network: Callable[..., nn.Module], shape: Sequence[int], device: torch.device) -> nn.Module:
         """The transform model for a flow grid of ``shape``, seeded and with the initial weights loaded."""

@@ -39,16 +39,16 @@ def _shift(x: torch.Tensor, offset: tuple[int, int, int], pad: int) -> torch.Ten
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
-    """MIND-SSC descriptor of ``image`` ``[B, 1, X, Y, Z]`` -> ``[B, 12, X, Y, Z]`` with values in ``(0, 1]``.
+    """MIND-SSC descriptor of ``image`` ``[B, C, X, Y, Z]`` -> ``[B, 12, X, Y, Z]`` with values in ``(0, 1]``.
 
     Args:
-        image: intensities; the descriptor is invariant to their scale and offset and nearly so to monotone remaps.
+        image: intensities (``C = 1``), or a feature map whose patch distances are averaged over its ``C`` channels
+            (the self-similarity tokens of a learned descriptor); the descriptor is invariant to the scale and
+            offset of the input and nearly so to monotone remaps.
         radius: half width ``r`` of the patch window (voxels).
         dilation: neighbourhood distance ``d`` (voxels).
         eps: floor of the local variance before normalisation.
     """
-    if image.shape[1] != 1:
-        raise ValueError(f"mind_ssc expects one channel, got {image.shape[1]}.")
     d = dilation
     pad = 2 * d
     x = F.pad(image, [pad] * 6, mode="replicate")
@@ -59,7 +59,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         if v not in vectors and tuple(-c for c in v) not in vectors:
             vectors.append(v)
     inner = x[:, :, d:-d, d:-d, d:-d]
-    sq = torch.cat([(_shift(x, v, d) - inner) ** 2 for v in vectors], dim=1)
+    sq = torch.cat([((_shift(x, v, d) - inner) ** 2).mean(1, keepdim=True) for v in vectors], dim=1)
     k = 2 * radius + 1
     sq = F.avg_pool3d(F.pad(sq, [radius] * 6, mode="replicate"), kernel_size=k, stride=1)
     # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p); sq lives on the grid padded by d

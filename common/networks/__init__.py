@@ -1,0 +1,3 @@
+from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
+
+__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor"]

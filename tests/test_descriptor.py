@@ -1,0 +1,96 @@
+"""The learned descriptor's building blocks: Bézier contrast augmentation, InfoNCE, the network, the two views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.losses import VoxelInfoNCELoss, mind_ssc, sample_voxels
+from common.networks import DescriptorUNet, SelfSimilarityDescriptor
+from common.training import RandContrastViewsd, retrieval_accuracy
+from common.transforms import RandMonotoneBezier, RandMonotoneBezierd, bezier_remap
+
+from .conftest import phantom_labels
+
+
+def test_bezier_remap_is_monotone_keeps_the_range_and_changes_contrast():
+    image = torch.rand(1, 12, 10, 9) * 300 - 50
+    for seed in range(5):
+        t = RandMonotoneBezier(prob=1.0)
+        t.set_random_state(seed)
+        out = t(image)
+        order = image.flatten().argsort()
+        assert (torch.diff(out.flatten()[order]) >= -1e-3).all()  # brighter stays brighter
+        assert torch.isclose(out.min(), image.min()) and torch.isclose(out.max(), image.max(), rtol=1e-4)
+        assert (out - image).abs().max() > 1.0
+    identity = bezier_remap(image, torch.tensor([[1 / 3, 1 / 3], [2 / 3, 2 / 3]]))
+    assert torch.allclose(identity, image, atol=1e-2)  # collinear control points: the identity curve
+
+
+def test_bezier_dictionary_version_remaps_exactly_one_view():
+    image = torch.rand(1, 8, 8, 8)
+    t = RandMonotoneBezierd(["a", "b"], prob=1.0)
+    changed = set()
+    for seed in range(8):
+        t.set_random_state(seed)
+        out = t({"a": image, "b": image.clone()})
+        diff = {k for k in ("a", "b") if not torch.equal(out[k], image)}
+        assert diff == {t.chosen}
+        changed |= diff
+    assert changed == {"a", "b"}
+    t = RandMonotoneBezierd(["a", "b"], prob=0.0)
+    out = t({"a": image, "b": image})
+    assert torch.equal(out["a"], image) and torch.equal(out["b"], image)
+
+
+def test_infonce_is_low_for_matching_descriptors_and_high_for_unrelated_ones():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 24, 10, 10, 10, generator=g)
+    loss = VoxelInfoNCELoss(temperature=0.05, num_samples=256)
+    matched = loss(a, a + 0.05 * torch.randn(a.shape, generator=g))
+    unrelated = loss(a, torch.randn(a.shape, generator=g))
+    assert matched < 0.1 and unrelated > 4.0  # log(256) = 5.5 at chance
+    b = a.clone().requires_grad_()
+    loss(b, a).backward()
+    assert b.grad.abs().sum() > 0
+
+
+def test_infonce_draws_only_inside_the_mask():
+    a = torch.randn(1, 4, 6, 6, 6)
+    mask = torch.zeros(1, 1, 6, 6, 6)
+    mask[..., :2, :, :] = 1
+    index = sample_voxels(a.shape, 500, mask)
+    assert index.shape == (1, 72) and bool(mask.flatten()[index[0]].all())
+
+
+def test_multichannel_self_similarity_reduces_to_mind_for_repeated_channels():
+    image = torch.rand(1, 1, 14, 12, 13)
+    assert torch.allclose(mind_ssc(image.expand(1, 5, -1, -1, -1)), mind_ssc(image), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(24, 24, 24), (21, 26, 19)])
+def test_descriptor_network_gives_24_unit_channels_at_input_resolution(shape):
+    net = SelfSimilarityDescriptor(DescriptorUNet(channels=(8, 16, 16, 32), out_channels=8))
+    out = net(torch.rand(2, 1, *shape))
+    assert out.shape == (2, 24, *shape)
+    assert torch.allclose(out.norm(dim=1), torch.ones(2, *shape), atol=1e-5)
+
+
+def test_contrast_views_share_anatomy_but_not_intensities():
+    labels = phantom_labels((20, 22, 18))[None]
+    t = RandContrastViewsd()
+    t.set_random_state(3)
+    out = t({"label": labels})
+    a, b, mask = out["view_a"], out["view_b"], out["mask"]
+    assert "label" not in out and a.shape == b.shape == mask.shape == (1, 20, 22, 18)
+    assert torch.equal(mask, (labels > 0).float())
+    assert (a - b).abs().mean() > 0.05  # two different contrasts
+    fixed = RandContrastViewsd(fixed_contrasts=("t1", "t2"), seed_offset=7)
+    assert torch.equal(fixed({"label": labels})["view_a"], fixed({"label": labels})["view_a"])
+
+
+def test_retrieval_accuracy_is_one_for_identical_maps_and_chance_for_noise():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 24, 12, 12, 12, generator=g)
+    assert retrieval_accuracy(a, a, num_samples=512) == 1.0
+    assert retrieval_accuracy(a, torch.randn(a.shape, generator=g), num_samples=512) < 0.05
