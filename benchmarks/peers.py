@@ -24,7 +24,6 @@ import nibabel as nib
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NODE_MIND_CONFIG = REPO_ROOT / "bundles" / "node_mind" / "configs" / "inference.json"
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -110,13 +109,13 @@ def run_convexadam(args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def run_node_mind(args: argparse.Namespace) -> float:
-    """The ``node_mind`` bundle through ``monai.bundle.ConfigWorkflow``; it writes its outputs itself."""
+def run_bundle(args: argparse.Namespace, bundle: str) -> float:
+    """One of the collection's bundles through ``monai.bundle.ConfigWorkflow``; it writes its outputs itself."""
     from monai.bundle import ConfigWorkflow
 
     start = time.perf_counter()
     workflow = ConfigWorkflow(
-        config_file=str(NODE_MIND_CONFIG),
+        config_file=str(REPO_ROOT / "bundles" / bundle / "configs" / "inference.json"),
         workflow_type="infer",
         fixed=str(args.fixed),
         moving=str(args.moving),
@@ -135,7 +134,8 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "ants_default": run_ants,
     "ants_strong": lambda args: run_ants(args, reg_iterations=(100, 70, 50)),
     "convexadam": run_convexadam,
-    "node_mind": run_node_mind,
+    "node_mind": lambda args: run_bundle(args, "node_mind"),
+    "node_lmi": lambda args: run_bundle(args, "node_lmi"),
 }
 
 
@@ -149,7 +149,7 @@ def main() -> None:
 
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # so that a plain checkout runs without installing the package
-    if args.method in ("convexadam", "node_mind"):
+    if args.method == "convexadam" or args.method.startswith("node_"):
         import torch
 
         torch.set_num_threads(args.threads)

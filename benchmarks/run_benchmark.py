@@ -4,9 +4,12 @@
         [--methods ants_default,ants_strong,convexadam,node_mind] [--data ../shared/data] [--output benchmarks/results]
 
 Datasets:
-    t1_real  the real inter-subject T1 pair of ``t1_pairs/oasis_lapirn`` (A moving, B fixed; labels 1 GM, 2 WM), 1 mm;
-    mm_1mm   inter-subject pairs rendered from the aligned SynthSeg label maps: T1-like moving, T2-like fixed, 1 mm;
-    mm_2mm   the same pairs downsampled to 2 mm (images by 2x2x2 averaging, labels by the most frequent value).
+    t1_real      the real inter-subject T1 pair of ``t1_pairs/oasis_lapirn`` (A moving, B fixed; labels 1 GM, 2 WM), 1 mm;
+    mm_1mm       inter-subject pairs rendered from the aligned SynthSeg label maps: T1-like moving, T2-like fixed, 1 mm;
+    mm_2mm       the same pairs downsampled to 2 mm (images by 2x2x2 averaging, labels by the most frequent value);
+    heldout_t2   all 12 ordered pairs of the four label maps that no trained model of the collection sees in training
+                 (``HELD_OUT``), T1-like moving vs T2-like fixed, at 2 mm;
+    heldout_flair  the same pairs, T1-like moving vs FLAIR-like fixed, at 2 mm.
 
 Each method-pair runs in its own process (``peers.py``) with a fixed number of threads and reports its wall time and
 peak memory. Metrics are computed here from each method's warped moving label map and Jacobian determinant on the
@@ -52,8 +55,10 @@ from peers import METHODS, thread_env  # noqa: E402
 from common.metrics import dice_per_label, hd95_per_label, nonpositive_jacobian_percent  # noqa: E402
 from common.synthesis import render_contrast  # noqa: E402
 
-DATASETS = ("t1_real", "mm_1mm", "mm_2mm")
+DATASETS = ("t1_real", "mm_1mm", "mm_2mm", "heldout_t2", "heldout_flair")
 SUBJECTS = tuple(range(1, 17))
+# label maps kept out of every training config (their ``validation_maps``)
+HELD_OUT = (13, 14, 15, 16)
 
 # FreeSurfer label values of the anatomical structures, per group; the real T1 pair has its own two labels
 FREESURFER_GROUPS: dict[str, tuple[int, ...]] = {
@@ -113,15 +118,18 @@ def subject_pairs(count: int, seed: int) -> list[tuple[int, int]]:
     return [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:count]]
 
 
-def rendered_pair(data_dir: Path, cache: Path, moving_subject: int, fixed_subject: int, seed: int) -> Pair:
-    """T1-like moving and T2-like fixed rendering of two subjects at 1 mm, written once into ``cache``."""
+def rendered_pair(
+    data_dir: Path, cache: Path, moving_subject: int, fixed_subject: int, seed: int, fixed_contrast: str = "t2"
+) -> Pair:
+    """T1-like moving and ``fixed_contrast``-like fixed rendering of two subjects at 1 mm, written once into ``cache``."""
     name = f"s{moving_subject:02d}_to_s{fixed_subject:02d}"
-    files = pair_files(cache / "mm_1mm" / f"seed{seed}" / name)
+    folder = "mm_1mm" if fixed_contrast == "t2" else f"mm_{fixed_contrast}_1mm"
+    files = pair_files(cache / folder / f"seed{seed}" / name)
     if not all(path.exists() for path in files.values()):
         moving_seed, fixed_seed = np.random.SeedSequence([seed, moving_subject, fixed_subject]).generate_state(2)
         for role, subject, contrast, render_seed in (
             ("moving", moving_subject, "t1", moving_seed),
-            ("fixed", fixed_subject, "t2", fixed_seed),
+            ("fixed", fixed_subject, fixed_contrast, fixed_seed),
         ):
             labels, affine = load_labels(label_map_path(data_dir, subject))
             save_nifti(render_contrast(labels, contrast, seed=int(render_seed)), affine, files[role])
@@ -129,16 +137,16 @@ def rendered_pair(data_dir: Path, cache: Path, moving_subject: int, fixed_subjec
     return Pair("mm_1mm", name, groups=FREESURFER_GROUPS, **files)
 
 
-def downsampled_pair(pair: Pair, cache: Path, seed: int) -> Pair:
-    """``pair`` at 2 mm, written once into ``cache``."""
-    files = pair_files(cache / "mm_2mm" / f"seed{seed}" / pair.name)
+def downsampled_pair(pair: Pair, cache: Path, seed: int, dataset: str = "mm_2mm") -> Pair:
+    """``pair`` at 2 mm, written once into ``cache``, as a pair of ``dataset``."""
+    files = pair_files(cache / dataset / f"seed{seed}" / pair.name)
     if not all(path.exists() for path in files.values()):
         for key, path in files.items():
             image = nib.load(str(getattr(pair, key)))
             data = np.asanyarray(image.dataobj)
             data = downsample_labels(data) if key.endswith("label") else downsample_image(data)
             save_nifti(data, downsample_affine(image.affine), path)
-    return Pair("mm_2mm", pair.name, groups=FREESURFER_GROUPS, **files)
+    return Pair(dataset, pair.name, groups=FREESURFER_GROUPS, **files)
 
 
 def load_label_map(path: Path) -> nib.Nifti1Image:
@@ -229,6 +237,11 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
         rendered = [rendered_pair(data_dir, cache, m, f, seed) for m, f in subject_pairs(count, seed)]
         pairs += rendered if "mm_1mm" in datasets else []
         pairs += [downsampled_pair(pair, cache, seed) for pair in rendered] if "mm_2mm" in datasets else []
+    held_out = [(m, f) for m in HELD_OUT for f in HELD_OUT if m != f]
+    for contrast in ("t2", "flair"):
+        if f"heldout_{contrast}" in datasets:
+            rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast) for m, f in held_out]
+            pairs += [downsampled_pair(pair, cache, seed, f"heldout_{contrast}") for pair in rendered]
     return pairs
 
 

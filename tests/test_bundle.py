@@ -138,3 +138,18 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
     assert "error: moving image" in result.stderr and "NaN" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("bundle", ["node_lmi", "node_contrastive"])
+def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, pair, tmp_path):
+    """The other variants share node_mind's contract; each improves Dice with a diffeomorphic field."""
+    config = REPO / "bundles" / bundle / "configs" / "inference.json"
+    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**FAST, **pair})
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bundle"] == bundle and (tmp_path / "ddf.nii.gz").is_file() and (tmp_path / "qc.png").is_file()
+    assert metrics["nonpositive_jacobian_percent"] < 0.1
+    assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"] + 0.02

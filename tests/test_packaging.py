@@ -18,11 +18,22 @@ tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "bundles" / "schema" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"  # the published file, unchanged
-NODE_MIND = ROOT / "bundles" / "node_mind" / "configs"
+BUNDLES = sorted(p.parent.parent.name for p in (ROOT / "bundles").glob("*/configs/metadata.json"))
 
 
-def _metadata() -> dict:
-    return json.loads((NODE_MIND / "metadata.json").read_text())
+def _configs(bundle: str) -> Path:
+    return ROOT / "bundles" / bundle / "configs"
+
+
+def _metadata(bundle: str) -> dict:
+    return json.loads((_configs(bundle) / "metadata.json").read_text())
+
+
+def test_every_bundle_has_the_files_of_a_bundle():
+    assert "node_mind" in BUNDLES
+    for bundle in BUNDLES:
+        for name in ("configs/inference.json", "configs/logging.conf", "docs/README.md"):
+            assert (ROOT / "bundles" / bundle / name).is_file(), f"{bundle}/{name}"
 
 
 def _requirements() -> dict[str, Requirement]:
@@ -40,8 +51,9 @@ def _readme_command(marker: str) -> str:
     return lines[0]
 
 
-def test_metadata_valid_against_shipped_schema():
-    metadata = _metadata()
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_valid_against_shipped_schema(bundle):
+    metadata = _metadata(bundle)
     schema = json.loads(SCHEMA.read_text())
     jsonschema.validators.validator_for(schema).check_schema(schema)
     jsonschema.validate(metadata, schema)
@@ -49,7 +61,8 @@ def test_metadata_valid_against_shipped_schema():
     assert metadata["schema"].rsplit("/", 1)[-1] == SCHEMA.name
 
 
-def test_verify_metadata_uses_local_schema_without_network(monkeypatch):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_verify_metadata_uses_local_schema_without_network(monkeypatch, bundle):
     import monai.apps.utils
     from monai.bundle import verify_metadata
 
@@ -57,19 +70,21 @@ def test_verify_metadata_uses_local_schema_without_network(monkeypatch):
         raise AssertionError("verify_metadata tried to download the schema")
 
     monkeypatch.setattr(monai.apps.utils, "_download_with_progress", no_download)
-    verify_metadata(meta_file=str(NODE_MIND / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_MD5)
+    verify_metadata(meta_file=str(_configs(bundle) / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_MD5)
 
 
-def test_metadata_network_io():
-    io = _metadata()["network_data_format"]
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_network_io(bundle):
+    io = _metadata(bundle)["network_data_format"]
     assert {k: v["num_channels"] for k, v in io["inputs"].items()} == {"fixed": 1, "moving": 1}
     assert {k: v["num_channels"] for k, v in io["outputs"].items()} == {"ddf": 3}
     for tensor in [*io["inputs"].values(), *io["outputs"].values()]:
         assert tensor["spatial_shape"] == ["*", "*", "*"]
 
 
-def test_metadata_versions_agree_with_pyproject():
-    metadata, requirements = _metadata(), _requirements()
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_versions_agree_with_pyproject(bundle):
+    metadata, requirements = _metadata(bundle), _requirements()
     assert requirements["monai"].specifier.contains(metadata["monai_version"])
     assert requirements["torch"].specifier.contains(metadata["pytorch_version"])
 
@@ -97,9 +112,10 @@ def test_pyproject_version_matches_package():
     assert project["version"] == common.__version__
 
 
-def test_logging_conf_has_console_handler():
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_logging_conf_has_console_handler(bundle):
     parser = configparser.ConfigParser(interpolation=None)
-    assert parser.read(NODE_MIND / "logging.conf")
+    assert parser.read(_configs(bundle) / "logging.conf")
     assert parser["logger_root"]["handlers"] in parser["handlers"]["keys"]
     assert parser["handler_console"]["class"] == "StreamHandler"
     assert "%(asctime)s" in parser["formatter_timed"]["format"]

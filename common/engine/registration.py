@@ -166,6 +166,8 @@ class InstanceOptimizationInferer(Inferer):
         """
         device, shape = fixed.device, tuple(fixed.shape[2:])
         fixed, moving = (convert_to_tensor(self.normalise(x.float()), track_meta=False) for x in (fixed, moving))
+        if isinstance(self.descriptor, nn.Module):
+            self.descriptor.to(device)  # a learned descriptor follows the images
         flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
         model = self.build_model(network, flow_shape, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)

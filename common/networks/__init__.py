@@ -1,3 +1,3 @@
-from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
+from .descriptor import DescriptorUNet, SelfSimilarityDescriptor, frozen
 
-__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor"]
+__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor", "frozen"]

@@ -11,7 +11,7 @@ from monai.networks.blocks import Convolution
 
 from common.losses.mind import mind_ssc
 
-__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor"]
+__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor", "frozen"]
 
 
 def _block(in_channels: int, out_channels: int, strides: int = 1) -> Convolution:
@@ -30,7 +30,7 @@ class DescriptorUNet(nn.Module):
         out_channels: width of the output feature map.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 32, 64), out_channels: int = 16) -> None:
+    def __init__(self, channels: Sequence[int] = (8, 16, 16, 32), out_channels: int = 8) -> None:
         super().__init__()
         if len(channels) != 4:
             raise ValueError(f"channels gives the full-resolution and three coarser widths, got {list(channels)}.")
@@ -73,3 +73,11 @@ class SelfSimilarityDescriptor(nn.Module):
         f = self.features(image)
         tokens = torch.cat([mind_ssc(f, self.radius, d) for d in self.dilations], dim=1)
         return F.normalize(tokens, dim=1)
+
+
+def frozen(module: nn.Module, weights: str | None = None) -> nn.Module:
+    """``module`` with the state dict at ``weights`` loaded (strictly, on the CPU), in eval mode, without gradients
+    for its parameters: a fixed metric for registration, through which gradients still reach its input."""
+    if weights:
+        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return module.eval().requires_grad_(False)
