@@ -109,10 +109,13 @@ def run_convexadam(args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def run_bundle(args: argparse.Namespace, bundle: str) -> float:
-    """One of the collection's bundles through ``monai.bundle.ConfigWorkflow``; it writes its outputs itself."""
+def run_bundle(args: argparse.Namespace, bundle: str, **overrides: object) -> float:
+    """One of the collection's bundles through ``monai.bundle.ConfigWorkflow`` with config ``overrides``; it writes its
+    outputs itself."""
+    import torch
     from monai.bundle import ConfigWorkflow
 
+    torch.manual_seed(0)  # networks built while parsing the config (an untrained descriptor) are then reproducible
     start = time.perf_counter()
     workflow = ConfigWorkflow(
         config_file=str(REPO_ROOT / "bundles" / bundle / "configs" / "inference.json"),
@@ -123,6 +126,7 @@ def run_bundle(args: argparse.Namespace, bundle: str) -> float:
         moving_label=str(args.moving_label),
         output_dir=str(args.output_dir),
         device="cpu",
+        **overrides,
     )
     workflow.initialize()
     workflow.run()
@@ -136,6 +140,9 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "convexadam": run_convexadam,
     "node_mind": lambda args: run_bundle(args, "node_mind"),
     "node_lmi": lambda args: run_bundle(args, "node_lmi"),
+    "node_contrastive": lambda args: run_bundle(args, "node_contrastive"),
+    # the same registration with a randomly initialised descriptor network: what the training bought
+    "node_contrastive_untrained": lambda args: run_bundle(args, "node_contrastive", descriptor_weights=""),
 }
 
 
