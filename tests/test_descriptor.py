@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from common.losses import VoxelInfoNCELoss, mind_ssc, sample_voxels
-from common.networks import DescriptorUNet, SelfSimilarityDescriptor
+from common.networks import DescriptorUNet, SelfSimilarityDescriptor, frozen
+from common.sample import sample_pair
+from common.synthesis import render_contrast
 from common.training import RandContrastViewsd, retrieval_accuracy
 from common.transforms import RandMonotoneBezier, RandMonotoneBezierd, bezier_remap
 
@@ -102,12 +105,6 @@ def test_retrieval_accuracy_is_one_for_identical_maps_and_chance_for_noise():
 def test_shipped_descriptor_matches_held_out_anatomy_across_contrasts_far_better_than_an_untrained_one():
     """The trained weights of ``node_contrastive`` on T1-like vs T2-like renderings of the sample's fixed label map,
     a subject kept out of training (2 mm, while training saw 1 mm crops)."""
-    import nibabel as nib
-
-    from common.networks import frozen
-    from common.sample import sample_pair
-    from common.synthesis import render_contrast
-
     weights = Path(__file__).resolve().parents[1] / "bundles" / "node_contrastive" / "models" / "descriptor.pt"
     labels = torch.from_numpy(np.asanyarray(nib.load(sample_pair()["fixed_label"]).dataobj).astype(np.int64))
     views = torch.stack([render_contrast(labels, c, seed=s) for c, s in (("t1", 11), ("t2", 12))])[:, None].float()
