@@ -45,7 +45,7 @@ class InstanceOptimizationInferer(Inferer):
 
     The transform model, built by ``network(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
     ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
-    ``similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
+    ``w_sim similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
     descriptor (identity when None), optimised with Adam over ``levels`` (image downsampling factors, coarse to
     fine), each for its number of ``iterations``.
 
@@ -57,6 +57,8 @@ class InstanceOptimizationInferer(Inferer):
         levels: downsampling factor of the images at each stage, e.g. ``(2, 1)``.
         iterations: Adam steps at each stage.
         learning_rate: Adam learning rate.
+        similarity_weight: weight ``w_sim`` of the similarity, to put descriptors of another scale (unit-norm learned
+            descriptors have per-channel differences far below MIND's) on the footing the regulariser weights assume.
         flow_downsample: the flow grid's isotropic voxel size as a multiple of the image's finest voxel size (2: a
             2 mm flow grid for a 1 mm image, 4 mm for 2 mm; never finer than the image along any axis).
         jacobian_weight, jacobian_epsilon: weight and threshold of the penalty barrier on ``det J``.
@@ -81,6 +83,7 @@ class InstanceOptimizationInferer(Inferer):
         iterations: Sequence[int] = (250, 50),
         learning_rate: float = 5e-3,
         flow_downsample: float = 2.0,
+        similarity_weight: float = 1.0,
         jacobian_weight: float = 2.5,
         jacobian_epsilon: float = 0.5,
         smoothness_weight: float = 0.05,
@@ -99,7 +102,7 @@ class InstanceOptimizationInferer(Inferer):
         self.similarity, self.descriptor, self.warp_descriptor = similarity, descriptor, warp_descriptor
         self.levels, self.iterations = [int(f) for f in levels], [int(n) for n in iterations]
         self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
-        self.weights = (jacobian_weight, smoothness_weight, magnitude_weight)
+        self.weights = (similarity_weight, jacobian_weight, smoothness_weight, magnitude_weight)
         self.jacobian = JacobianBarrierLoss(jacobian_epsilon)
         self.smoothness = DisplacementSmoothnessLoss()
         self.magnitude = VelocityMagnitudeLoss()
@@ -171,7 +174,7 @@ class InstanceOptimizationInferer(Inferer):
         flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
         model = self.build_model(network, flow_shape, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
-        w_jac, w_smooth, w_mag = self.weights
+        w_sim, w_jac, w_smooth, w_mag = self.weights
         start = time.perf_counter()
         self.stats = {"iterations": [], "stage_time_s": [], "final_loss": math.nan, "flow_shape": list(flow_shape)}
 
@@ -186,7 +189,7 @@ class InstanceOptimizationInferer(Inferer):
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
                 displacement, velocity = model()
-                sim = self._similarity(displacement, source, target)
+                sim = w_sim * self._similarity(displacement, source, target)
                 reg = (
                     w_jac * self.jacobian(displacement)
                     + w_smooth * self.smoothness(displacement)

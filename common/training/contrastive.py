@@ -17,7 +17,14 @@ from monai.utils import convert_to_tensor
 from common.losses.contrastive import sample_voxels, voxel_similarities
 from common.synthesis import CONTRASTS, render_contrast
 
-__all__ = ["ContrastiveIteration", "RandContrastViewsd", "RetrievalIteration", "retrieval_accuracy"]
+__all__ = [
+    "ContrastiveIteration",
+    "RandContrastViewsd",
+    "RandShiftedViewsd",
+    "RetrievalIteration",
+    "corresponding_parts",
+    "retrieval_accuracy",
+]
 
 
 class RandContrastViewsd(RandomizableTransform, MapTransform):
@@ -66,6 +73,67 @@ class RandContrastViewsd(RandomizableTransform, MapTransform):
         return d
 
 
+class RandShiftedViewsd(RandomizableTransform, MapTransform):
+    """Cuts the two views from different places of one larger crop, so that a voxel's place in its view says nothing
+    about which voxel of the other view shows the same anatomy.
+
+    Co-located views let a network match voxels by position alone (zero padding tells convolutions where they are):
+    InfoNCE rewards that, registration cannot use it. ``view_a_keys`` are cut at a random corner ``o_a`` and
+    ``view_b_keys`` at ``o_b``, each in ``[0, max_shift]`` per axis, to the input shape minus ``max_shift``; ``offset``
+    (int64 ``[3]``) is ``o_a - o_b``: voxel ``x`` of view a shows the anatomy of voxel ``x + offset`` of view b.
+    Spatial augmentations shared by the views must come before this transform. With ``fixed``, ``o_a = 0`` and
+    ``o_b = max_shift`` on every axis (for validation).
+    """
+
+    def __init__(
+        self,
+        max_shift: int,
+        view_a_keys: Sequence[str] = ("view_a", "mask"),
+        view_b_keys: Sequence[str] = ("view_b",),
+        fixed: bool = False,
+    ) -> None:
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0, got {max_shift}.")
+        MapTransform.__init__(self, [*view_a_keys, *view_b_keys])
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.max_shift, self.view_a_keys, self.view_b_keys, self.fixed = max_shift, view_a_keys, view_b_keys, fixed
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        s = self.max_shift
+        if self.fixed:
+            corners = [0] * 3, [s] * 3
+        else:
+            corners = tuple([int(c) for c in self.R.randint(0, s + 1, size=3)] for _ in range(2))
+        for keys, corner in zip((self.view_a_keys, self.view_b_keys), corners):
+            for key in keys:
+                size = d[key].shape[-3:]
+                if min(size) <= s:
+                    raise ValueError(f"{key!r} of shape {tuple(size)} is too small for max_shift {s}.")
+                d[key] = d[key][(..., *(slice(c, c + n - s) for c, n in zip(corner, size)))]
+        d["offset"] = torch.tensor(corners[0]) - torch.tensor(corners[1])
+        return d
+
+
+def corresponding_parts(
+    a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, offset: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per batch item, the parts of ``a`` and ``b`` ``[B, C, *S]`` (and of ``a``'s ``mask``) that show one anatomy.
+
+    ``offset`` ``[B, 3]`` (from :class:`RandShiftedViewsd`): voxel ``x`` of ``a[i]`` is voxel ``x + offset[i]`` of
+    ``b[i]``. Returns ``(a_i, b_i, mask_i)`` of shapes ``[1, C, *S_i]``; without ``offset``, the whole batch at once.
+    """
+    if offset is None:
+        return [(a, b, mask)]
+    parts = []
+    for i, shift in enumerate(offset.tolist()):
+        in_a = tuple(slice(max(0, -d), n - max(0, d)) for d, n in zip(shift, a.shape[2:]))
+        in_b = tuple(slice(max(0, d), n - max(0, -d)) for d, n in zip(shift, b.shape[2:]))
+        part_mask = None if mask is None else mask[i : i + 1][(..., *in_a)]
+        parts.append((a[i : i + 1][(..., *in_a)], b[i : i + 1][(..., *in_b)], part_mask))
+    return parts
+
+
 def retrieval_accuracy(a: torch.Tensor, b: torch.Tensor, num_samples: int = 1024, mask: torch.Tensor | None = None) -> float:
     """Top-1 voxel retrieval between two descriptor maps ``[B, C, *S]`` of one anatomy.
 
@@ -81,7 +149,8 @@ def retrieval_accuracy(a: torch.Tensor, b: torch.Tensor, num_samples: int = 1024
 class ContrastiveIteration:
     """One training step: both views through ``engine.network``, ``engine.loss_function(desc_a, desc_b, mask)``.
 
-    The views ``view_a``, ``view_b`` ``[B, 1, *S]`` go through the network as one batch of ``2B``.
+    The views ``view_a``, ``view_b`` ``[B, 1, *S]`` go through the network as one batch of ``2B``; with an ``offset``
+    in the batch, the loss is the mean over items of the loss on their :func:`corresponding_parts`.
     """
 
     def __call__(self, engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -90,14 +159,16 @@ class ContrastiveIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         desc_a, desc_b = engine.network(torch.cat([a, b])).chunk(2)
-        loss = engine.loss_function(desc_a, desc_b, mask)
+        parts = corresponding_parts(desc_a, desc_b, mask, batch.get("offset"))
+        loss = torch.stack([engine.loss_function(*part) for part in parts]).mean()
         loss.backward()
         engine.optimizer.step()
         return {"loss": loss.item()}
 
 
 class RetrievalIteration:
-    """One validation step: :func:`retrieval_accuracy` of the two views' descriptors, under ``torch.no_grad``."""
+    """One validation step: :func:`retrieval_accuracy` of the two views' descriptors (mean over the batch's
+    :func:`corresponding_parts`), under ``torch.no_grad``."""
 
     def __init__(self, num_samples: int = 1024, seed: int = 0) -> None:
         self.num_samples, self.seed = num_samples, seed
@@ -110,4 +181,5 @@ class RetrievalIteration:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed + engine.state.iteration)
             desc_a, desc_b = engine.network(torch.cat([a, b])).chunk(2)
-            return {"retrieval": retrieval_accuracy(desc_a, desc_b, self.num_samples, mask)}
+            parts = corresponding_parts(desc_a, desc_b, mask, batch.get("offset"))
+            return {"retrieval": sum(retrieval_accuracy(*p[:2], self.num_samples, p[2]) for p in parts) / len(parts)}
