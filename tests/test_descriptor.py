@@ -125,15 +125,20 @@ def test_shipped_descriptor_matches_held_out_anatomy_across_contrasts_far_better
     each axis so that position within the image cannot stand in for anatomy."""
     weights = Path(__file__).resolve().parents[1] / "bundles" / "node_contrastive" / "models" / "descriptor.pt"
     labels = torch.from_numpy(np.asanyarray(nib.load(sample_pair()["fixed_label"]).dataobj).astype(np.int64))
-    views = torch.stack([render_contrast(labels, c, seed=s) for c, s in (("t1", 11), ("t2", 12))])[:, None].float()
-    mask = (labels > 0).float()[None, None]
+    views = RandShiftedViewsd(max_shift=6, fixed=True)(
+        {
+            "view_a": render_contrast(labels, "t1", seed=11)[None],
+            "view_b": render_contrast(labels, "t2", seed=12)[None],
+            "mask": (labels > 0).float()[None],
+        }
+    )
 
     def accuracy(weights_path: str | None) -> float:
         torch.manual_seed(0)
         net = frozen(SelfSimilarityDescriptor(DescriptorUNet(channels=(8, 16, 16, 32), out_channels=8)), weights_path)
         with torch.no_grad():
-            a, b = net(views[:1, :, :-6, :-6, :-6]), net(views[1:, :, 6:, 6:, 6:])
-        parts = corresponding_parts(a, b, mask[..., :-6, :-6, :-6], torch.tensor([[-6, -6, -6]]))
+            a, b = net(views["view_a"][None].float()), net(views["view_b"][None].float())
+        parts = corresponding_parts(a, b, views["mask"][None], views["offset"][None])
         torch.manual_seed(1)
         return retrieval_accuracy(*parts[0][:2], num_samples=1024, mask=parts[0][2])
 
