@@ -82,6 +82,18 @@ def test_descriptor_network_gives_24_unit_channels_at_input_resolution(shape):
     assert torch.allclose(out.norm(dim=1), torch.ones(2, *shape), atol=1e-5)
 
 
+def test_descriptor_of_one_image_and_its_gradient_do_not_depend_on_the_batch_it_is_described_in():
+    torch.manual_seed(0)
+    net = frozen(SelfSimilarityDescriptor(DescriptorUNet()))
+    image, other = torch.rand(1, 1, 20, 22, 18, requires_grad=True), torch.rand(1, 1, 20, 22, 18)
+    alone = net(image)
+    (grad_alone,) = torch.autograd.grad(alone.square().mean(), image)
+    batched = net(torch.cat([image, other]))[:1]
+    (grad_batched,) = torch.autograd.grad(batched.square().mean(), image)
+    assert torch.allclose(alone, batched, atol=1e-5)
+    assert torch.allclose(grad_alone, grad_batched, atol=1e-7)
+
+
 def test_contrast_views_share_anatomy_but_not_intensities():
     labels = phantom_labels((20, 22, 18))[None]
     t = RandContrastViewsd()
