@@ -36,7 +36,6 @@ class DescriptorUNet(nn.Module):
         if len(channels) != 4:
             raise ValueError(f"channels gives the full-resolution and three coarser widths, got {list(channels)}.")
         c = list(channels)
-        self.width = c[0]
         self.initial = nn.Sequential(_block(1, c[0]), _block(c[0], c[0]))
         self.down = nn.ModuleList([nn.Sequential(_block(c[i], c[i + 1], strides=2), _block(c[i + 1], c[i + 1])) for i in range(3)])
         self.up = nn.ModuleList([_block(c[i + 1] + c[i], c[i]) for i in range(2, -1, -1)])
@@ -46,7 +45,7 @@ class DescriptorUNet(nn.Module):
         # PyTorch sends a CPU convolution of a single image with at most 20480 values in its first four dims to a
         # native kernel 10-20x slower than oneDNN, which it uses for any batch of two; instance norm keeps samples
         # independent, so describing a small image next to a copy of itself only saves time
-        single = image.device.type == "cpu" and image.shape[0] == 1 and self.width * math.prod(image.shape[2:4]) <= 20480
+        single = image.device.type == "cpu" and image.shape[0] == 1 and self.initial[0].conv.out_channels * math.prod(image.shape[2:4]) <= 20480
         if single:
             image = image.repeat(2, 1, 1, 1, 1)
         skips = [self.initial(image)]
