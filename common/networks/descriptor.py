@@ -45,7 +45,8 @@ class DescriptorUNet(nn.Module):
         # PyTorch sends a CPU convolution of a single image with at most 20480 values in its first four dims to a
         # native kernel 10-20x slower than oneDNN, which it uses for any batch of two; instance norm keeps samples
         # independent, so describing a small image next to a copy of itself only saves time
-        single = image.device.type == "cpu" and image.shape[0] == 1 and self.initial[0].conv.out_channels * math.prod(image.shape[2:4]) <= 20480
+        width = self.initial[0].conv.out_channels
+        single = image.device.type == "cpu" and image.shape[0] == 1 and width * math.prod(image.shape[2:4]) <= 20480
         if single:
             image = image.repeat(2, 1, 1, 1, 1)
         skips = [self.initial(image)]
