@@ -134,15 +134,28 @@ def run_bundle(args: argparse.Namespace, bundle: str, **overrides: object) -> fl
     return time.perf_counter() - start
 
 
+def _parse_override(text: str) -> tuple[str, object]:
+    """``KEY=JSON`` -> ``(KEY, value)``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"an override reads KEY=VALUE, got {text!r}.")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the value of override {key!r} is not JSON: {error}") from None
+
+
 METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "ants_default": run_ants,
     "ants_strong": lambda args: run_ants(args, reg_iterations=(100, 70, 50)),
     "convexadam": run_convexadam,
-    "node_mind": lambda args: run_bundle(args, "node_mind"),
-    "node_lmi": lambda args: run_bundle(args, "node_lmi"),
-    "node_contrastive": lambda args: run_bundle(args, "node_contrastive"),
+    "node_mind": lambda args: run_bundle(args, "node_mind", **args.overrides),
+    "node_lmi": lambda args: run_bundle(args, "node_lmi", **args.overrides),
+    "node_contrastive": lambda args: run_bundle(args, "node_contrastive", **args.overrides),
     # the same registration with a randomly initialised descriptor network: what the training bought
-    "node_contrastive_untrained": lambda args: run_bundle(args, "node_contrastive", descriptor_weights=""),
+    "node_contrastive_untrained": lambda args: run_bundle(
+        args, "node_contrastive", **{"descriptor_weights": "", **args.overrides}
+    ),
 }
 
 
@@ -152,7 +165,14 @@ def main() -> None:
     for name in ("fixed", "moving", "fixed_label", "moving_label", "output_dir"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--override", action="append", default=[], help="KEY=JSON config change (bundles only)")
     args = parser.parse_args()
+    try:
+        args.overrides = dict(_parse_override(text) for text in args.override)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.overrides and not args.method.startswith("node_"):
+        parser.error(f"--override applies to the collection's bundles, not to {args.method}.")
 
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # so that a plain checkout runs without installing the package

@@ -9,7 +9,12 @@ Datasets:
     mm_2mm       the same pairs downsampled to 2 mm (images by 2x2x2 averaging, labels by the most frequent value);
     heldout_t2   ordered pairs (up to all 12) of the four label maps that no trained model of the collection sees in
                  training (``HELD_OUT``), T1-like moving vs T2-like fixed, at 2 mm;
-    heldout_flair  the same pairs, T1-like moving vs FLAIR-like fixed, at 2 mm.
+    heldout_flair  the same pairs, T1-like moving vs FLAIR-like fixed, at 2 mm;
+    tuning_t2, tuning_flair  the same renderings of pairs of the other twelve label maps (the training maps), at 2 mm:
+                 where hyperparameters are chosen, so that the held-out sets stay untouched.
+
+``--override KEY=VALUE`` (repeatable, VALUE in JSON) changes a config key of the collection's bundles for the run,
+e.g. ``--override 'registration#iterations=[50, 150]'``; give each setting its own ``--output``.
 
 Each method-pair runs in its own process (``peers.py``) with a fixed number of threads and reports its wall time and
 peak memory. Metrics are computed here from each method's warped moving label map and Jacobian determinant on the
@@ -28,6 +33,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +61,11 @@ from peers import METHODS, thread_env  # noqa: E402
 from common.metrics import dice_per_label, hd95_per_label, nonpositive_jacobian_percent  # noqa: E402
 from common.synthesis import render_contrast  # noqa: E402
 
-DATASETS = ("t1_real", "mm_1mm", "mm_2mm", "heldout_t2", "heldout_flair")
+DATASETS = ("t1_real", "mm_1mm", "mm_2mm", "heldout_t2", "heldout_flair", "tuning_t2", "tuning_flair")
 SUBJECTS = tuple(range(1, 17))
 # label maps kept out of every training config (their ``validation_maps``)
 HELD_OUT = (13, 14, 15, 16)
+TUNING = tuple(s for s in SUBJECTS if s not in HELD_OUT)
 
 # FreeSurfer label values of the anatomical structures, per group; the real T1 pair has its own two labels
 FREESURFER_GROUPS: dict[str, tuple[int, ...]] = {
@@ -192,9 +199,16 @@ def on_fixed_grid(path: Path, fixed: nib.Nifti1Image) -> np.ndarray:
 
 
 def run_method(
-    pair: Pair, method: str, out_dir: Path, threads: int, timeout: float, resume: bool = False
+    pair: Pair,
+    method: str,
+    out_dir: Path,
+    threads: int,
+    timeout: float,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
 ) -> dict[str, object]:
-    """Run ``method`` on ``pair`` in its own process and score its outputs (``resume``: reuse a finished run)."""
+    """Run ``method`` on ``pair`` in its own process and score its outputs (``resume``: reuse a finished run;
+    ``overrides``: ``KEY=JSON`` config changes for the collection's bundles)."""
     if resume and (out_dir / "run.json").is_file():
         return score_outputs(pair, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +216,8 @@ def run_method(
     for key in ("fixed", "moving", "fixed_label", "moving_label"):
         command += [f"--{key}", str(getattr(pair, key))]
     command += ["--threads", str(threads)]
+    for override in overrides:
+        command += ["--override", override]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, env=thread_env(threads), capture_output=True, text=True, timeout=timeout)
@@ -237,11 +253,12 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
         rendered = [rendered_pair(data_dir, cache, m, f, seed) for m, f in subject_pairs(count, seed)]
         pairs += rendered if "mm_1mm" in datasets else []
         pairs += [downsampled_pair(pair, cache, seed) for pair in rendered] if "mm_2mm" in datasets else []
-    held_out = subject_pairs(count, seed, HELD_OUT)
-    for contrast in ("t2", "flair"):
-        if f"heldout_{contrast}" in datasets:
-            rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast) for m, f in held_out]
-            pairs += [downsampled_pair(pair, cache, seed, f"heldout_{contrast}") for pair in rendered]
+    for subset, subjects in (("heldout", HELD_OUT), ("tuning", TUNING)):
+        for contrast in ("t2", "flair"):
+            if f"{subset}_{contrast}" in datasets:
+                chosen = subject_pairs(count, seed, subjects)
+                rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast) for m, f in chosen]
+                pairs += [downsampled_pair(pair, cache, seed, f"{subset}_{contrast}") for pair in rendered]
     return pairs
 
 
@@ -307,7 +324,10 @@ def write_results(rows: list[dict[str, object]], output: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {DATASETS}")
+    evaluation = ",".join(d for d in DATASETS if not d.startswith("tuning"))
+    parser.add_argument(
+        "--datasets", default=evaluation, help=f"comma-separated subset of {DATASETS} (default: all but the tuning sets)"
+    )
     parser.add_argument("--pairs", type=int, default=10, help="rendered pairs per dataset (t1_real has one, the held-out sets at most 12)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {tuple(METHODS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the reference data folder")
@@ -320,6 +340,9 @@ def main() -> None:
         "--report-only", action="store_true", help="score finished method-pairs only; run nothing new"
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a method-pair is given up")
+    parser.add_argument(
+        "--override", action="append", default=[], help="KEY=JSON config change for the collection's bundles (repeatable)"
+    )
     args = parser.parse_args()
     datasets = [d for d in args.datasets.split(",") if d]
     methods = [m for m in args.methods.split(",") if m]
@@ -338,7 +361,8 @@ def main() -> None:
                 out_dir = args.output / "runs" / pair.dataset / pair.name / method
                 if args.report_only and not (out_dir / "run.json").is_file():
                     continue
-                row = run_method(pair, method, out_dir, args.threads, args.timeout, args.resume or args.report_only)
+                resume = args.resume or args.report_only
+                row = run_method(pair, method, out_dir, args.threads, args.timeout, resume, args.override)
             rows.append({"dataset": pair.dataset, "pair": pair.name, "method": method, **row})
             dice = f"Dice {row['dice']:.3f}" if row["status"] == "ok" else row["status"]
             print(f"{pair.dataset} {pair.name} {method}: {dice}", flush=True)

@@ -1,0 +1,32 @@
+"""The benchmark's pair lists and options: hyperparameters are chosen on maps that the held-out sets never use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import peers  # noqa: E402
+import run_benchmark  # noqa: E402
+
+
+def test_tuning_and_held_out_pairs_share_no_label_map():
+    tuning = run_benchmark.subject_pairs(200, 0, run_benchmark.TUNING)
+    held_out = run_benchmark.subject_pairs(200, 0, run_benchmark.HELD_OUT)
+    assert len(tuning) == 12 * 11 and len(held_out) == 4 * 3
+    used_in_tuning = {s for pair in tuning for s in pair}
+    assert used_in_tuning.isdisjoint({s for pair in held_out for s in pair})
+    assert all(m != f for m, f in tuning + held_out)
+    # a smaller count is a prefix of the same seeded order, so a short tuning run is part of a longer one
+    assert run_benchmark.subject_pairs(3, 0, run_benchmark.TUNING) == tuning[:3]
+
+
+def test_override_is_parsed_as_json_and_bad_ones_are_refused():
+    assert peers._parse_override("registration#iterations=[50, 150]") == ("registration#iterations", [50, 150])
+    assert peers._parse_override("descriptor_weights=\"\"") == ("descriptor_weights", "")
+    for bad in ("registration#iterations", "=3", "lmi#num_bins=sixteen"):
+        with pytest.raises(ValueError, match="override"):
+            peers._parse_override(bad)
