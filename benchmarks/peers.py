@@ -145,6 +145,8 @@ def _parse_override(text: str) -> tuple[str, object]:
         raise ValueError(f"the value of override {key!r} is not JSON: {error}") from None
 
 
+# the methods that are not the collection's bundles: config overrides do not apply to them
+PEERS = ("ants_default", "ants_strong", "convexadam")
 METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "ants_default": run_ants,
     "ants_strong": lambda args: run_ants(args, reg_iterations=(100, 70, 50)),
@@ -171,7 +173,7 @@ def main() -> None:
         args.overrides = dict(_parse_override(text) for text in args.override)
     except ValueError as error:
         parser.error(str(error))
-    if args.overrides and not args.method.startswith("node_"):
+    if args.overrides and args.method in PEERS:
         parser.error(f"--override applies to the collection's bundles, not to {args.method}.")
 
     if str(REPO_ROOT) not in sys.path:

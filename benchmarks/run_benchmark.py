@@ -56,7 +56,7 @@ from make_sample import (  # noqa: E402
     load_labels,
     save_nifti,
 )
-from peers import METHODS, thread_env  # noqa: E402
+from peers import METHODS, PEERS, thread_env  # noqa: E402
 
 from common.metrics import dice_per_label, hd95_per_label, nonpositive_jacobian_percent  # noqa: E402
 from common.synthesis import render_contrast  # noqa: E402
@@ -208,7 +208,7 @@ def run_method(
     overrides: Sequence[str] = (),
 ) -> dict[str, object]:
     """Run ``method`` on ``pair`` in its own process and score its outputs (``resume``: reuse a finished run;
-    ``overrides``: ``KEY=JSON`` config changes for the collection's bundles)."""
+    ``overrides``: ``KEY=JSON`` config changes, passed to the collection's bundles only)."""
     if resume and (out_dir / "run.json").is_file():
         return score_outputs(pair, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def run_method(
     for key in ("fixed", "moving", "fixed_label", "moving_label"):
         command += [f"--{key}", str(getattr(pair, key))]
     command += ["--threads", str(threads)]
-    for override in overrides:
+    for override in overrides if method not in PEERS else ():
         command += ["--override", override]
     start = time.perf_counter()
     try:

@@ -30,3 +30,17 @@ def test_override_is_parsed_as_json_and_bad_ones_are_refused():
     for bad in ("registration#iterations", "=3", "lmi#num_bins=sixteen"):
         with pytest.raises(ValueError, match="override"):
             peers._parse_override(bad)
+
+
+def test_overrides_reach_the_bundles_only(monkeypatch, tmp_path):
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        raise run_benchmark.subprocess.TimeoutExpired(command, 0)
+
+    monkeypatch.setattr(run_benchmark.subprocess, "run", fake_run)
+    pair = run_benchmark.Pair("tuning_t2", "s01_to_s02", *(tmp_path / f"{k}.nii.gz" for k in "abcd"), groups={})
+    for method in ("ants_strong", "node_lmi"):
+        run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["lmi#num_bins=8"])
+    assert "--override" not in commands[0] and commands[1][-2:] == ["--override", "lmi#num_bins=8"]
