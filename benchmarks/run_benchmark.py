@@ -216,8 +216,8 @@ def run_method(
     for key in ("fixed", "moving", "fixed_label", "moving_label"):
         command += [f"--{key}", str(getattr(pair, key))]
     command += ["--threads", str(threads)]
-    for override in overrides if method not in PEERS else ():
-        command += ["--override", override]
+    if method not in PEERS:
+        command += [arg for override in overrides for arg in ("--override", override)]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, env=thread_env(threads), capture_output=True, text=True, timeout=timeout)
@@ -254,9 +254,9 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
         pairs += rendered if "mm_1mm" in datasets else []
         pairs += [downsampled_pair(pair, cache, seed) for pair in rendered] if "mm_2mm" in datasets else []
     for subset, subjects in (("heldout", HELD_OUT), ("tuning", TUNING)):
+        chosen = subject_pairs(count, seed, subjects)
         for contrast in ("t2", "flair"):
             if f"{subset}_{contrast}" in datasets:
-                chosen = subject_pairs(count, seed, subjects)
                 rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast) for m, f in chosen]
                 pairs += [downsampled_pair(pair, cache, seed, f"{subset}_{contrast}") for pair in rendered]
     return pairs
