@@ -90,3 +90,32 @@ def test_best_state_restores_the_lowest_loss_parameters():
 def test_levels_and_iterations_must_match():
     with pytest.raises(ValueError, match="same length"):
         _inferer(levels=(2, 1), iterations=(10,))
+
+
+def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_whole_warped_image():
+    """With ``warp_descriptor`` False and sampling, each random block's MIND comes from the warped moving image on the
+    block grown by the descriptor's reach: the values the whole warped image's MIND has at those voxels, except where
+    MIND's variance floor (relative to the mean over the block, not the image) applies, in nearly flat regions."""
+    labels = phantom_labels()
+    moving = torch.as_tensor(render_contrast(labels, "t1", seed=2))[None, None].float()
+    shape = moving.shape[2:]
+    window = torch.zeros(1, 1, *shape)
+    window[..., 6:-6, 6:-6, 6:-6] = 1.0  # a displacement that vanishes near the border, where padding differs
+    ddf = smooth_field(shape, amplitude=3.0, seed=5) * window
+    descriptor = MINDSSC(radius=1, dilation=2)
+    whole = descriptor(warp(moving, ddf))
+
+    class Gap(torch.nn.Module):
+        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return (pred - target).abs().amax(dim=1)
+
+    # 16 blocks of 8^3 voxels, grown by the reach of 3 to 14^3: 44 000 of the image's 49 000 voxels
+    inferer = _inferer(similarity=Gap(), descriptor=descriptor, warp_descriptor=False, sample_points=16 * 8**3, sample_block=8)
+    torch.manual_seed(0)
+    # the fixed descriptor is the whole warped image's, so any difference is the block computation's
+    gap = inferer._similarity(ddf, moving, whole)
+    assert gap.shape == (1, 16 * 8**3) and (gap < 1e-4).float().mean() > 0.93 and gap.mean() < 0.01
+    assert (inferer._similarity(torch.zeros_like(ddf), moving, whole) < 1e-4).float().mean() < 0.8
+    # more blocks than that would cost more than the whole image: the whole warped image is described
+    inferer.sample_points = 20 * 8**3
+    assert inferer._similarity(ddf, moving, whole).shape == (1, *shape)

@@ -71,7 +71,12 @@ class InstanceOptimizationInferer(Inferer):
         progress: show progress bars.
         sample_points: at stages with more voxels than this, compare descriptors at this many random voxels per
             iteration (a stochastic gradient, as elastix's random sampler) instead of at all voxels; None: all.
-            A similarity with a ``patch_size`` attribute (local MI) gets whole random patches instead.
+            A similarity with a ``patch_size`` attribute (local MI) gets whole random patches instead. When the
+            descriptor is recomputed (``warp_descriptor`` False) and has a finite ``reach`` (MIND-SSC), the points
+            come in random blocks of ``sample_block`` voxels a side, whose descriptor is computed from the warped
+            moving image on the block grown by ``reach``, at stages where the grown blocks hold fewer voxels than the
+            image; a descriptor without ``reach`` sees the whole image.
+        sample_block: side (voxels) of the blocks of recomputed descriptors.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class InstanceOptimizationInferer(Inferer):
         seed: int = 0,
         progress: bool = True,
         sample_points: int | None = None,
+        sample_block: int = 16,
     ) -> None:
         super().__init__()
         if len(levels) != len(iterations):
@@ -108,7 +114,7 @@ class InstanceOptimizationInferer(Inferer):
         self.magnitude = VelocityMagnitudeLoss()
         self.time_budget_s, self.patience, self.tolerance = time_budget_s, patience, tolerance
         self.initial_weights, self.seed, self.progress = initial_weights, seed, progress
-        self.sample_points = sample_points
+        self.sample_points, self.sample_block = sample_points, sample_block
         self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
         self.stats: dict = {}
 
@@ -118,20 +124,45 @@ class InstanceOptimizationInferer(Inferer):
     def _similarity(self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Similarity of the target and the source warped by ``displacement`` (flow grid) on the target's grid."""
         shape = target.shape[2:]
-        if not self.sample_points or math.prod(shape) <= self.sample_points or not self.warp_descriptor:
+        reach = getattr(self.descriptor, "reach", None)
+        block = [min(self.sample_block, s) for s in shape]
+        count = max(1, (self.sample_points or 0) // math.prod(block))
+        if self.warp_descriptor:
+            sampled = self.sample_points and math.prod(shape) > self.sample_points
+        else:
+            # recomputed in blocks only where the grown blocks hold fewer voxels than the whole image
+            sampled = reach is not None and count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
+        if not sampled:
             warped = warp(source, resize_ddf(displacement, shape))
             return self.similarity(warped if self.warp_descriptor else self._describe(warped), target)
-        points = self._random_points(shape, target.device)
         size = torch.tensor(shape, device=target.device)
-        scale = (size - 1).clamp(min=1).to(displacement.dtype)
-        # both grids span the same field of view corner to corner, so normalised coordinates are shared
-        normalised = 2 * points.to(displacement.dtype) / scale - 1
-        flow_size = torch.tensor(displacement.shape[2:], device=target.device, dtype=displacement.dtype)
-        u = _sample_points(displacement, normalised) * (scale / (flow_size - 1).clamp(min=1)).view(1, 3, 1)
-        moved = normalised.T[None] + 2 * u / scale.view(1, 3, 1)
-        warped = _sample_points(source, moved[0].T)
+        if self.warp_descriptor:
+            points = self._random_points(shape, target.device)
+            warped = self._warp_points(displacement, source, points, shape)
+        else:
+            # the descriptor of each random block, from the warped moving image on the block grown by its reach
+            origins = (torch.rand(count, 3, device=target.device) * (size - torch.tensor(block, device=size.device) + 1)).long()
+            grown = identity_grid([b + 2 * reach for b in block], device=target.device, dtype=torch.long) - reach
+            values = self._warp_points(displacement, source, (origins[:, None] + grown.flatten(1).T[None]).reshape(-1, 3), shape)
+            described = self._describe(values.view(count, 1, *grown.shape[1:]))
+            inner = described[:, :, reach : reach + block[0], reach : reach + block[1], reach : reach + block[2]]
+            warped = inner.transpose(0, 1).reshape(1, described.shape[1], -1)
+            offsets = identity_grid(block, device=target.device, dtype=torch.long).flatten(1).T
+            points = (origins[:, None] + offsets[None]).reshape(-1, 3)
         index = (points[:, 0] * size[1] + points[:, 1]) * size[2] + points[:, 2]
         return self.similarity(warped, target.flatten(2)[:, :, index])
+
+    @staticmethod
+    def _warp_points(displacement: torch.Tensor, source: torch.Tensor, points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """``source`` ``[1, C, *shape]`` warped by ``displacement`` (flow grid), at voxel ``points`` ``[N, 3]`` of the
+        target grid (outside it, the border's displacement and values) -> ``[1, C, N]``."""
+        scale = (torch.tensor(shape, device=points.device) - 1).clamp(min=1).to(displacement.dtype)
+        # both grids span the same field of view corner to corner, so normalised coordinates are shared
+        normalised = 2 * points.to(displacement.dtype) / scale - 1
+        flow_size = torch.tensor(displacement.shape[2:], device=points.device, dtype=displacement.dtype)
+        u = _sample_points(displacement, normalised) * (scale / (flow_size - 1).clamp(min=1)).view(1, 3, 1)
+        moved = normalised.T[None] + 2 * u / scale.view(1, 3, 1)
+        return _sample_points(source, moved[0].T)
 
     def _random_points(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
         """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape``, grouped in whole patches when the

@@ -82,11 +82,16 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
 
 
 class MINDSSC(nn.Module):
-    """Module form of :func:`mind_ssc`, to plug in as a registration descriptor."""
+    """Module form of :func:`mind_ssc`, to plug in as a registration descriptor.
+
+    ``reach`` (``dilation + radius`` voxels) is how far from a voxel the image values its descriptor depends on lie,
+    so that the descriptor of a block of voxels can be computed from the block grown by ``reach`` on each side.
+    """
 
     def __init__(self, radius: int = 1, dilation: int = 2) -> None:
         super().__init__()
         self.radius, self.dilation = radius, dilation
+        self.reach = dilation + radius
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return mind_ssc(image, self.radius, self.dilation)
