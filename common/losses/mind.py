@@ -6,7 +6,7 @@ For each voxel, the 12 pairs of 6-neighbourhood offsets (at distance ``dilation`
 ``[1e-3, 1e3]`` times its global mean (Heinrich et al., MICCAI 2013).
 
 The patch distance of ``(p, q)`` is the patch-summed squared difference image ``S_{p-q}`` shifted by ``q``, and
-``p - q`` takes only 6 values up to sign; so each descriptor is 6 squared differences, 6 box filters and 12 shifts,
+``p - q`` takes only 6 values up to sign; so each descriptor is 6 squared differences, 6 box sums and 12 shifts,
 instead of 12-channel one-hot dilated convolutions (about 4x fewer operations, and no convolution weights).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers import separable_filtering
 
 # the 12 (p, q) offset pairs of the SSC neighbourhood, as unit offsets along the three axes
 _SIX = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
@@ -39,6 +38,17 @@ def _shift(x: torch.Tensor, offset: tuple[int, int, int], pad: int) -> torch.Ten
     ]
 
 
+def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum of ``x`` over a ``(2r+1)^3`` window, on the grid shrunk by ``r`` on each side (no padding)."""
+    for dim in (2, 3, 4):
+        n = x.shape[dim] - 2 * radius
+        total = x.narrow(dim, 0, n)
+        for k in range(1, 2 * radius + 1):
+            total = total + x.narrow(dim, k, n)
+        x = total
+    return x
+
+
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
     """MIND-SSC descriptor of ``image`` ``[B, C, X, Y, Z]`` -> ``[B, 12, X, Y, Z]`` with values in ``(0, 1]``.
 
@@ -50,10 +60,11 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         dilation: neighbourhood distance ``d`` (voxels).
         eps: floor of the local variance before normalisation.
     """
-    d = dilation
-    pad = 2 * d
-    x = F.pad(image, [pad] * 6, mode="replicate")
-    # S_v(y) = (I(y + v) - I(y))^2 for the 6 difference vectors v = p - q (up to sign), on the padded grid
+    d, r = dilation, radius
+    # padded once, so that the patch sums need no padding of their own: slice sums cost about half of a separable
+    # convolution with replicate padding, forward and backward, on the CPU
+    x = F.pad(image, [2 * d + r] * 6, mode="replicate")
+    # S_v(y) = (I(y + v) - I(y))^2 for the 6 difference vectors v = p - q (up to sign), on the grid padded by d + r
     vectors: list[tuple[int, ...]] = []
     for p, q in _PAIRS:
         v = tuple(d * (a - b) for a, b in zip(p, q))
@@ -61,9 +72,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
             vectors.append(v)
     inner = x[:, :, d:-d, d:-d, d:-d]
     sq = torch.cat([((_shift(x, v, d) - inner) ** 2).mean(1, keepdim=True) for v in vectors], dim=1)
-    # a separable box filter: on the CPU, 3D average pooling costs about 1.4x as much forward and backward
-    box = torch.full((2 * radius + 1,), 1.0 / (2 * radius + 1), device=sq.device, dtype=sq.dtype)
-    sq = separable_filtering(sq, [box] * 3, mode="replicate")
+    # patch sums rather than means: the normalisation below is invariant to their common scale
+    sq = _box_sum(sq, r)
     # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p); sq lives on the grid padded by d
     channels = []
     for p, q in _PAIRS:
@@ -77,8 +87,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     dist = dist - dist.amin(dim=1, keepdim=True)
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean(dim=(1, 2, 3, 4), keepdim=True)
-    var = torch.maximum(var.clamp(min=mean_var * 1e-3, max=mean_var * 1e3), torch.full_like(var, eps))
-    return torch.exp(-dist / var)
+    var = var.clamp(min=mean_var * 1e-3, max=mean_var * 1e3).clamp(min=eps * (2 * r + 1) ** 3)
+    # a product with the reciprocal: its backward is about 1.5x cheaper than a division's
+    return torch.exp(dist * (-1.0 / var))
 
 
 class MINDSSC(nn.Module):
