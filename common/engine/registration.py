@@ -40,6 +40,19 @@ def _sample_points(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
 
 
+def _random_blocks(shape: Sequence[int], block: Sequence[int], count: int, device: torch.device) -> torch.Tensor:
+    """First corners ``[count, 3]`` of random blocks of size ``block`` lying inside a grid of ``shape``."""
+    room = torch.tensor(shape, device=device) - torch.tensor(block, device=device) + 1
+    return (torch.rand(count, 3, device=device) * room).long()
+
+
+def _block_points(origins: torch.Tensor, block: Sequence[int], margin: int = 0) -> torch.Tensor:
+    """Voxel indices ``[count * prod(block + 2 margin), 3]`` of the blocks at ``origins`` grown by ``margin`` on each
+    side, block after block, each in C order (as ``[count, *grown block]`` flattens)."""
+    offsets = identity_grid([b + 2 * margin for b in block], device=origins.device, dtype=torch.long) - margin
+    return (origins[:, None] + offsets.flatten(1).T[None]).reshape(-1, 3)
+
+
 class InstanceOptimizationInferer(Inferer):
     """Register a pair by optimising a transform model's parameters on that pair alone.
 
@@ -135,21 +148,18 @@ class InstanceOptimizationInferer(Inferer):
         if not sampled:
             warped = warp(source, resize_ddf(displacement, shape))
             return self.similarity(warped if self.warp_descriptor else self._describe(warped), target)
-        size = torch.tensor(shape, device=target.device)
         if self.warp_descriptor:
             points = self._random_points(shape, target.device)
             warped = self._warp_points(displacement, source, points, shape)
         else:
             # the descriptor of each random block, from the warped moving image on the block grown by its reach
-            origins = (torch.rand(count, 3, device=target.device) * (size - torch.tensor(block, device=size.device) + 1)).long()
-            grown = identity_grid([b + 2 * reach for b in block], device=target.device, dtype=torch.long) - reach
-            values = self._warp_points(displacement, source, (origins[:, None] + grown.flatten(1).T[None]).reshape(-1, 3), shape)
-            described = self._describe(values.view(count, 1, *grown.shape[1:]))
+            origins = _random_blocks(shape, block, count, target.device)
+            values = self._warp_points(displacement, source, _block_points(origins, block, reach), shape)
+            described = self._describe(values.view(count, 1, *[b + 2 * reach for b in block]))
             inner = described[:, :, reach : reach + block[0], reach : reach + block[1], reach : reach + block[2]]
             warped = inner.transpose(0, 1).reshape(1, described.shape[1], -1)
-            offsets = identity_grid(block, device=target.device, dtype=torch.long).flatten(1).T
-            points = (origins[:, None] + offsets[None]).reshape(-1, 3)
-        index = (points[:, 0] * size[1] + points[:, 1]) * size[2] + points[:, 2]
+            points = _block_points(origins, block)
+        index = (points[:, 0] * shape[1] + points[:, 1]) * shape[2] + points[:, 2]
         return self.similarity(warped, target.flatten(2)[:, :, index])
 
     @staticmethod
@@ -168,15 +178,12 @@ class InstanceOptimizationInferer(Inferer):
         """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape``, grouped in whole patches when the
         similarity compares patches (it has a ``patch_size``): ``N = sample_points // patch_size**3`` patches of
         ``patch_size**3`` consecutive points each."""
-        size = torch.tensor(shape, device=device)
         patch = getattr(self.similarity, "patch_size", None)
         if patch is None:
             index = torch.randint(0, math.prod(shape), (self.sample_points,), device=device)
-            return torch.stack([index // (size[1] * size[2]), (index // size[2]) % size[1], index % size[2]], dim=1)
+            return torch.stack([index // (shape[1] * shape[2]), (index // shape[2]) % shape[1], index % shape[2]], dim=1)
         count = max(1, self.sample_points // patch**3)
-        origins = (torch.rand(count, 3, device=device) * (size - patch + 1)).long()
-        offsets = identity_grid((patch,) * 3, device=device, dtype=torch.long).flatten(1).T
-        return (origins[:, None] + offsets[None]).reshape(-1, 3)
+        return _block_points(_random_blocks(shape, (patch,) * 3, count, device), (patch,) * 3)
 
     def build_model(self, network: Callable[..., nn.Module], shape: Sequence[int], device: torch.device) -> nn.Module:
         """The transform model for a flow grid of ``shape``, seeded and with the initial weights loaded."""
