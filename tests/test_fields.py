@@ -44,6 +44,20 @@ def test_scaling_and_squaring_of_a_constant_field_is_a_translation():
     assert torch.allclose(ddf[:, :, 3:-3, 3:-3, 3:-3], v[:, :, 3:-3, 3:-3, 3:-3], atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+def test_warp_is_monai_warp(mode, padding_mode):
+    from monai.networks.blocks import Warp
+
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 2, 9, 7, 5, generator=g, dtype=torch.float64)
+    ddf = 3 * torch.randn(2, 3, 9, 7, 5, generator=g, dtype=torch.float64)
+    expected = Warp(mode=mode, padding_mode=padding_mode)(image, ddf)
+    assert torch.allclose(warp(image, ddf, mode, padding_mode), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="ddf"):
+        warp(image, ddf[:, :2])
+
+
 def test_compose_matches_warping_twice():
     img = _blobs()
     g = torch.Generator().manual_seed(1)

@@ -11,14 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import itk
 import nibabel as nib
 import numpy as np
 from monai.config import DtypeLike, NdarrayOrTensor, PathLike
 from monai.utils import convert_to_numpy
 
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst")
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @contextmanager
@@ -62,30 +61,34 @@ def save_image(array: NdarrayOrTensor, affine_ras: NdarrayOrTensor, path: PathLi
 
 
 def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: PathLike) -> None:
-    """Write a voxel displacement field as ITK/ANTs do: LPS millimetres on the fixed grid, float vectors.
+    """Write a voxel displacement field as ITK/ANTs do: NIfTI vectors in LPS millimetres on the fixed grid.
 
     The world displacement is ``diag(-1, -1, 1) @ A[:3, :3] @ u`` with ``A`` the fixed RAS affine, so that
     ``itk.warp_image_filter(moving, displacement_field=itk.imread(path, itk.Vector[itk.F, 3]),
     output_parameters_from_image=fixed)`` reproduces :func:`common.io.resample.resample_to_grid` with this ``u``.
+    The file is the one ITK's own writer makes (intent ``vector``, array ``[X, Y, Z, 1, 3]`` of float32, both header
+    transforms set), written through NiBabel: loading ITK's Python wrapping for one write costs seconds.
 
     Args:
         ddf: ``[3, X, Y, Z]`` displacement in voxels of the fixed grid (channel ``c`` along array axis ``c``).
         fixed_affine_ras: 4x4 voxel-to-world of the fixed image (RAS mm).
-        path: output file; the format follows the suffix (e.g. ``.nii.gz``, ``.mha``).
+        path: output file, ``.nii`` or ``.nii.gz``.
     """
     u = convert_to_numpy(ddf, dtype=np.float64)
     if u.ndim != 4 or u.shape[0] != 3:
         raise ValueError(f"save_ddf_itk expects a [3, X, Y, Z] field, got shape {u.shape}.")
-    lps = _RAS_TO_LPS @ convert_to_numpy(fixed_affine_ras, dtype=np.float64)
-    # ITK arrays are indexed [z, y, x, component] with x the first image axis (our array axis 0)
-    vectors = np.ascontiguousarray(np.einsum("ij,jxyz->zyxi", lps[:3, :3], u), dtype=np.float32)
-    field = itk.GetImageFromArray(vectors, ttype=itk.Image[itk.Vector[itk.F, 3], 3])
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    field.SetSpacing(spacing.tolist())
-    field.SetOrigin(lps[:3, 3].tolist())
-    field.SetDirection(lps[:3, :3] / spacing)
+    if not str(path).endswith((".nii", ".nii.gz")):
+        raise ValueError(f"save_ddf_itk writes NIfTI (.nii or .nii.gz), got {path}.")
+    affine = convert_to_numpy(fixed_affine_ras, dtype=np.float64)
+    lps = _RAS_TO_LPS @ affine[:3, :3]
+    vectors = np.einsum("ij,jxyz->xyzi", lps, u).astype(np.float32)[:, :, :, None, :]
+    img = nib.Nifti1Image(vectors, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_intent("vector")
+    img.header.set_xyzt_units("mm")
     with atomic_write(path) as tmp:
-        itk.imwrite(field, str(tmp))
+        nib.save(img, tmp)
 
 
 def _to_builtin(value: Any) -> Any:
