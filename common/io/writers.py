@@ -44,6 +44,20 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def _save_nifti(data: np.ndarray, affine_ras: NdarrayOrTensor, path: PathLike, intent: str | None = None) -> None:
+    """Atomically write ``data`` with ``affine_ras`` as both header transforms (so that readers preferring either
+    agree), in millimetres, with an optional NIfTI ``intent``."""
+    affine = convert_to_numpy(affine_ras, dtype=np.float64)
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    if intent is not None:
+        img.header.set_intent(intent)
+    with atomic_write(path) as tmp:
+        nib.save(img, tmp)
+
+
 def save_image(array: NdarrayOrTensor, affine_ras: NdarrayOrTensor, path: PathLike, dtype: DtypeLike = None) -> None:
     """Write ``array`` ``[X, Y, Z]`` with voxel-to-world ``affine_ras`` (4x4, RAS mm) as NIfTI through NiBabel.
 
@@ -52,12 +66,7 @@ def save_image(array: NdarrayOrTensor, affine_ras: NdarrayOrTensor, path: PathLi
     data = convert_to_numpy(array, dtype=dtype)
     if data.ndim != 3:
         raise ValueError(f"save_image expects an [X, Y, Z] array, got shape {data.shape}.")
-    affine = convert_to_numpy(affine_ras, dtype=np.float64)
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)  # both qform and sform, so that readers preferring either agree
-    img.header.set_xyzt_units("mm")
-    with atomic_write(path) as tmp:
-        nib.save(img, tmp)
+    _save_nifti(data, affine_ras, path)
 
 
 def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: PathLike) -> None:
@@ -66,8 +75,7 @@ def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: 
     The world displacement is ``diag(-1, -1, 1) @ A[:3, :3] @ u`` with ``A`` the fixed RAS affine, so that
     ``itk.warp_image_filter(moving, displacement_field=itk.imread(path, itk.Vector[itk.F, 3]),
     output_parameters_from_image=fixed)`` reproduces :func:`common.io.resample.resample_to_grid` with this ``u``.
-    The file is the one ITK's own writer makes (intent ``vector``, array ``[X, Y, Z, 1, 3]`` of float32, both header
-    transforms set), written through NiBabel: loading ITK's Python wrapping for one write costs seconds.
+    The file is the one ITK's own writer makes (intent ``vector``, array ``[X, Y, Z, 1, 3]`` of float32), written through NiBabel: loading ITK's Python wrapping for one write costs seconds.
 
     Args:
         ddf: ``[3, X, Y, Z]`` displacement in voxels of the fixed grid (channel ``c`` along array axis ``c``).
@@ -79,16 +87,9 @@ def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: 
         raise ValueError(f"save_ddf_itk expects a [3, X, Y, Z] field, got shape {u.shape}.")
     if not str(path).endswith((".nii", ".nii.gz")):
         raise ValueError(f"save_ddf_itk writes NIfTI (.nii or .nii.gz), got {path}.")
-    affine = convert_to_numpy(fixed_affine_ras, dtype=np.float64)
-    lps = _RAS_TO_LPS @ affine[:3, :3]
+    lps = _RAS_TO_LPS @ convert_to_numpy(fixed_affine_ras, dtype=np.float64)[:3, :3]
     vectors = np.einsum("ij,jxyz->xyzi", lps, u).astype(np.float32)[:, :, :, None, :]
-    img = nib.Nifti1Image(vectors, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_intent("vector")
-    img.header.set_xyzt_units("mm")
-    with atomic_write(path) as tmp:
-        nib.save(img, tmp)
+    _save_nifti(vectors, fixed_affine_ras, path, intent="vector")
 
 
 def _to_builtin(value: Any) -> Any:
