@@ -11,7 +11,8 @@ Datasets:
                  training (``HELD_OUT``), T1-like moving vs T2-like fixed, at 2 mm;
     heldout_flair  the same pairs, T1-like moving vs FLAIR-like fixed, at 2 mm;
     tuning_t2, tuning_flair  the same renderings of pairs of the other twelve label maps (the training maps), at 2 mm:
-                 where hyperparameters are chosen, so that the held-out sets stay untouched.
+                 where hyperparameters are chosen, so that the held-out sets stay untouched;
+    tuning_t2_1mm, tuning_flair_1mm  the same tuning pairs at 1 mm, for settings that matter at full resolution only.
 
 ``--override KEY=VALUE`` (repeatable, VALUE in JSON) changes a config key of the collection's bundles for the run,
 e.g. ``--override 'registration#iterations=[50, 150]'``; give each setting its own ``--output``.
@@ -61,7 +62,17 @@ from peers import METHODS, PEERS, thread_env  # noqa: E402
 from common.metrics import dice_per_label, hd95_per_label, nonpositive_jacobian_percent  # noqa: E402
 from common.synthesis import render_contrast  # noqa: E402
 
-DATASETS = ("t1_real", "mm_1mm", "mm_2mm", "heldout_t2", "heldout_flair", "tuning_t2", "tuning_flair")
+DATASETS = (
+    "t1_real",
+    "mm_1mm",
+    "mm_2mm",
+    "heldout_t2",
+    "heldout_flair",
+    "tuning_t2",
+    "tuning_flair",
+    "tuning_t2_1mm",
+    "tuning_flair_1mm",
+)
 SUBJECTS = tuple(range(1, 17))
 # label maps kept out of every training config (their ``validation_maps``)
 HELD_OUT = (13, 14, 15, 16)
@@ -126,9 +137,16 @@ def subject_pairs(count: int, seed: int, subjects: tuple[int, ...] = SUBJECTS) -
 
 
 def rendered_pair(
-    data_dir: Path, cache: Path, moving_subject: int, fixed_subject: int, seed: int, fixed_contrast: str = "t2"
+    data_dir: Path,
+    cache: Path,
+    moving_subject: int,
+    fixed_subject: int,
+    seed: int,
+    fixed_contrast: str = "t2",
+    dataset: str = "mm_1mm",
 ) -> Pair:
-    """T1-like moving and ``fixed_contrast``-like fixed rendering of two subjects at 1 mm, written once into ``cache``."""
+    """T1-like moving and ``fixed_contrast``-like fixed rendering of two subjects at 1 mm, written once into ``cache``,
+    as a pair of ``dataset``."""
     name = f"s{moving_subject:02d}_to_s{fixed_subject:02d}"
     folder = "mm_1mm" if fixed_contrast == "t2" else f"mm_{fixed_contrast}_1mm"
     files = pair_files(cache / folder / f"seed{seed}" / name)
@@ -141,7 +159,7 @@ def rendered_pair(
             labels, affine = load_labels(label_map_path(data_dir, subject))
             save_nifti(render_contrast(labels, contrast, seed=int(render_seed)), affine, files[role])
             save_nifti(labels, affine, files[f"{role}_label"])
-    return Pair("mm_1mm", name, groups=FREESURFER_GROUPS, **files)
+    return Pair(dataset, name, groups=FREESURFER_GROUPS, **files)
 
 
 def downsampled_pair(pair: Pair, cache: Path, seed: int, dataset: str = "mm_2mm") -> Pair:
@@ -256,9 +274,11 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
     for subset, subjects in (("heldout", HELD_OUT), ("tuning", TUNING)):
         chosen = subject_pairs(count, seed, subjects)
         for contrast in ("t2", "flair"):
-            if f"{subset}_{contrast}" in datasets:
-                rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast) for m, f in chosen]
-                pairs += [downsampled_pair(pair, cache, seed, f"{subset}_{contrast}") for pair in rendered]
+            name = f"{subset}_{contrast}"
+            if name in datasets or f"{name}_1mm" in datasets:
+                rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast, f"{name}_1mm") for m, f in chosen]
+                pairs += rendered if f"{name}_1mm" in datasets else []
+                pairs += [downsampled_pair(pair, cache, seed, name) for pair in rendered] if name in datasets else []
     return pairs
 
 

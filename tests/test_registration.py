@@ -87,6 +87,25 @@ def test_best_state_restores_the_lowest_loss_parameters():
     assert best.loss == 1.0 and torch.all(module.weight == 2.0)
 
 
+def test_a_stage_on_random_voxels_keeps_its_last_state_not_its_luckiest_draw():
+    """The lowest loss on random voxels marks a lucky draw: restoring its parameters would undo the stage's work."""
+    fixed = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
+    moving = torch.roll(fixed, 2, dims=2)  # fixed(x) = moving(x + 2) along the first axis
+
+    class LuckyDraw(torch.nn.MSELoss):
+        calls = 0
+
+        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return super().forward(pred, target) - (1.0 if self.calls == 2 else 0.0)
+
+    inferer = _inferer(similarity=LuckyDraw(), sample_points=20_000, iterations=(60,))
+    assert inferer.is_sampled(fixed.shape[2:])
+    ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
+    assert ddf[0, 0].mean() > 1.0, ddf[0, 0].mean()  # restoring the lucky second iteration: 0.11 voxel
+    assert inferer.stats["final_loss"] > 0
+
+
 def test_levels_and_iterations_must_match():
     with pytest.raises(ValueError, match="same length"):
         _inferer(levels=(2, 1), iterations=(10,))

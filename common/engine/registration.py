@@ -60,7 +60,8 @@ class InstanceOptimizationInferer(Inferer):
     ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
     ``w_sim similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
     descriptor (identity when None), optimised with Adam over ``levels`` (image downsampling factors, coarse to
-    fine), each for its number of ``iterations``.
+    fine), each for its number of ``iterations``. Each stage ends with the parameters of its lowest loss, except a
+    stage that compares random voxels (:meth:`is_sampled`), which ends with its last parameters.
 
     Args:
         similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``.
@@ -134,18 +135,24 @@ class InstanceOptimizationInferer(Inferer):
     def _describe(self, image: torch.Tensor) -> torch.Tensor:
         return image if self.descriptor is None else self.descriptor(image)
 
+    def _blocks(self, shape: Sequence[int]) -> tuple[list[int], int]:
+        """Side and number of the random blocks of recomputed descriptors on a grid of ``shape``."""
+        block = [min(self.sample_block, s) for s in shape]
+        return block, max(1, (self.sample_points or 0) // math.prod(block))
+
+    def is_sampled(self, shape: Sequence[int]) -> bool:
+        """Whether a stage on a grid of ``shape`` compares descriptors at random voxels (a stochastic loss)."""
+        if self.warp_descriptor:
+            return bool(self.sample_points) and math.prod(shape) > self.sample_points
+        reach = getattr(self.descriptor, "reach", None)
+        block, count = self._blocks(shape)
+        # recomputed in blocks only where the grown blocks hold fewer voxels than the whole image
+        return reach is not None and count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
+
     def _similarity(self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Similarity of the target and the source warped by ``displacement`` (flow grid) on the target's grid."""
         shape = target.shape[2:]
-        reach = getattr(self.descriptor, "reach", None)
-        block = [min(self.sample_block, s) for s in shape]
-        count = max(1, (self.sample_points or 0) // math.prod(block))
-        if self.warp_descriptor:
-            sampled = self.sample_points and math.prod(shape) > self.sample_points
-        else:
-            # recomputed in blocks only where the grown blocks hold fewer voxels than the whole image
-            sampled = reach is not None and count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
-        if not sampled:
+        if not self.is_sampled(shape):
             warped = warp(source, resize_ddf(displacement, shape))
             return self.similarity(warped if self.warp_descriptor else self._describe(warped), target)
         if self.warp_descriptor:
@@ -153,6 +160,8 @@ class InstanceOptimizationInferer(Inferer):
             warped = self._warp_points(displacement, source, points, shape)
         else:
             # the descriptor of each random block, from the warped moving image on the block grown by its reach
+            reach = self.descriptor.reach
+            block, count = self._blocks(shape)
             origins = _random_blocks(shape, block, count, target.device)
             values = self._warp_points(displacement, source, _block_points(origins, block, reach), shape)
             described = self._describe(values.view(count, 1, *[b + 2 * reach for b in block]))
@@ -222,7 +231,9 @@ class InstanceOptimizationInferer(Inferer):
             with torch.no_grad():
                 target = self._describe(fixed_l)
                 source = self._describe(moving_l) if self.warp_descriptor else moving_l
-            best = BestState()
+            # on a loss of random voxels the lowest value marks a lucky draw, not a better transform (at 1 mm it came
+            # from the 6th of 35 iterations), so such a stage keeps its last state
+            best = None if self.is_sampled(level_shape) else BestState()
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
@@ -235,7 +246,8 @@ class InstanceOptimizationInferer(Inferer):
                 )
                 loss = sim + reg
                 loss.backward()
-                best.update(loss.item(), model)
+                if best is not None:
+                    best.update(loss.item(), model)
                 optimizer.step()
                 return {"loss": loss.item(), "similarity": sim.item()}
 
@@ -254,10 +266,11 @@ class InstanceOptimizationInferer(Inferer):
                 description=f"stage {level + 1}/{len(self.levels)} ({'x'.join(map(str, level_shape))})",
             )
             engine.run(range(num_iterations), max_epochs=1)
-            best.restore(model)
+            if best is not None:
+                best.restore(model)
             self.stats["iterations"].append(engine.state.iteration)
             self.stats["stage_time_s"].append(time.perf_counter() - stage_start)
-            self.stats["final_loss"] = best.loss
+            self.stats["final_loss"] = engine.state.output["loss"] if best is None else best.loss
 
         with torch.no_grad():
             displacement, _ = model()
