@@ -44,3 +44,23 @@ def test_overrides_reach_the_bundles_only(monkeypatch, tmp_path):
     for method in ("ants_strong", "node_lmi"):
         run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["lmi#num_bins=8"])
     assert "--override" not in commands[0] and commands[1][-2:] == ["--override", "lmi#num_bins=8"]
+
+
+def test_tuning_pairs_at_1mm_are_the_renderings_behind_the_2mm_tuning_set(monkeypatch, tmp_path):
+    rendered = []
+
+    def fake_rendered(data_dir, cache, moving, fixed, seed, contrast="t2", dataset="mm_1mm"):
+        rendered.append((moving, fixed, contrast))
+        return run_benchmark.Pair(dataset, f"s{moving:02d}_to_s{fixed:02d}", *(tmp_path,) * 4, groups={})
+
+    def fake_downsampled(pair, cache, seed, dataset="mm_2mm"):
+        return run_benchmark.Pair(dataset, pair.name, *(tmp_path,) * 4, groups={})
+
+    monkeypatch.setattr(run_benchmark, "rendered_pair", fake_rendered)
+    monkeypatch.setattr(run_benchmark, "downsampled_pair", fake_downsampled)
+    pairs = run_benchmark.prepare_pairs(["tuning_flair", "tuning_flair_1mm"], 3, tmp_path, tmp_path, 7)
+    at_1mm = [p.name for p in pairs if p.dataset == "tuning_flair_1mm"]
+    at_2mm = [p.name for p in pairs if p.dataset == "tuning_flair"]
+    assert len(at_1mm) == 3 and at_1mm == at_2mm
+    # each pair is rendered once, from the tuning maps only, with the requested fixed contrast
+    assert len(rendered) == 3 and all(c == "flair" and {m, f} <= set(run_benchmark.TUNING) for m, f, c in rendered)

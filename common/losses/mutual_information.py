@@ -1,4 +1,5 @@
-"""Differentiable mutual information of groups of samples (Parzen windows), and the local MI loss built on it.
+"""Differentiable mutual information of groups of samples (Parzen windows), and the local and multi-axis MI losses
+built on it.
 
 MONAI's ``GlobalMutualInformationLoss`` estimates one joint histogram for the whole image. Here the histogram is
 estimated for many groups at once (patches of a volume, or any other grouping of samples), as one batched matrix
@@ -13,7 +14,13 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["LocalMutualInformationLoss", "grouped_mutual_information", "parzen_weights", "patch_groups"]
+__all__ = [
+    "LocalMutualInformationLoss",
+    "MultiAxisMutualInformationLoss",
+    "grouped_mutual_information",
+    "parzen_weights",
+    "patch_groups",
+]
 
 
 def parzen_weights(x: torch.Tensor, num_bins: int = 16, sigma_ratio: float = 0.5) -> torch.Tensor:
@@ -108,6 +115,52 @@ class LocalMutualInformationLoss(_Loss):
         if pred.shape != target.shape:
             raise ValueError(f"pred and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
         mi = grouped_mutual_information(self._groups(pred), self._groups(target), self.num_bins, self.sigma_ratio)
+        if self.reduction == LossReduction.MEAN.value:
+            return -mi.mean()
+        if self.reduction == LossReduction.SUM.value:
+            return -mi.sum()
+        return -mi
+
+
+class MultiAxisMutualInformationLoss(_Loss):
+    """Negative mutual information of corresponding 2D slices, averaged over the slices along each axis and the axes.
+
+    Each slice has its own joint histogram, so the intensity relation between the two images may drift from slice to
+    slice (a bias field, a slab profile), as in the multi-axis MI of the TTO-KD paper. All slices of an axis are one
+    batched :func:`grouped_mutual_information`. Inputs are intensities in ``[0, 1]`` (clamped), ``[B, 1, X, Y, Z]``.
+
+    Args:
+        num_bins: histogram bins per image (not published; 8 keeps a 2D slice's histogram well filled).
+        sigma_ratio: Parzen window width in bins.
+        axes: the spatial axes (0, 1, 2 for X, Y, Z) whose slices are compared.
+        reduction: ``"mean"`` over the batch, ``"sum"``, or ``"none"`` for ``[B]``.
+    """
+
+    def __init__(
+        self,
+        num_bins: int = 8,
+        sigma_ratio: float = 0.5,
+        axes: tuple[int, ...] = (0, 1, 2),
+        reduction: LossReduction | str = LossReduction.MEAN,
+    ) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        if num_bins < 2:
+            raise ValueError(f"need num_bins >= 2, got {num_bins}.")
+        if not axes or any(a not in (0, 1, 2) for a in axes):
+            raise ValueError(f"axes must be a non-empty subset of (0, 1, 2), got {axes}.")
+        self.num_bins, self.sigma_ratio, self.axes = num_bins, sigma_ratio, tuple(axes)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``-MI`` of ``pred`` (warped moving) and ``target`` (fixed), in nats, averaged over slices and axes."""
+        if pred.shape != target.shape or pred.ndim != 5 or pred.shape[1] != 1:
+            raise ValueError(
+                f"expected pred and target of one shape [B, 1, X, Y, Z], got {tuple(pred.shape)} and {tuple(target.shape)}."
+            )
+        per_axis = []
+        for axis in self.axes:
+            a, b = (x[:, 0].movedim(axis + 1, 1).flatten(2) for x in (pred, target))  # [B, slices, slice voxels]
+            per_axis.append(grouped_mutual_information(a, b, self.num_bins, self.sigma_ratio).mean(1))
+        mi = torch.stack(per_axis, 1).mean(1)
         if self.reduction == LossReduction.MEAN.value:
             return -mi.mean()
         if self.reduction == LossReduction.SUM.value:

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.spatial.fields import jacobian_determinant
+from common.spatial.fields import jacobian_determinant, spatial_gradient
 
 
 class JacobianBarrierLoss(nn.Module):
@@ -40,3 +40,12 @@ class VelocityMagnitudeLoss(nn.Module):
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return velocity.pow(2).mean()
+
+
+class DisplacementDivergenceLoss(nn.Module):
+    """Mean squared divergence of the displacement, ``mean((div u)^2)``: penalises local volume change (expansion and
+    compression alike) and so favours near-incompressible deformations (the TTO-KD paper's divergence term)."""
+
+    def forward(self, ddf: torch.Tensor) -> torch.Tensor:
+        jacobian = spatial_gradient(ddf)  # d(x_i + u_i)/dx_j: its trace is 3 + div u
+        return (jacobian.diagonal(dim1=1, dim2=2).sum(-1) - 3).pow(2).mean()
