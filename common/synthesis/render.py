@@ -8,12 +8,14 @@ not try to reproduce any scanner.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
-__all__ = ["CLASS_MEANS", "CONTRASTS", "TISSUE_CLASSES", "render_contrast", "tissue_class"]
+__all__ = ["CLASS_MEANS", "CONTRASTS", "TISSUE_CLASSES", "render_contrast", "render_labels", "tissue_class"]
 
 # FreeSurfer label values per tissue class (the labels SynthSeg segments, plus vessels, lesions, 5th ventricle
 # and optic chiasm, which occur in its training label maps).
@@ -62,6 +64,46 @@ def _bias_field(shape: tuple[int, ...], strength: float, generator: torch.Genera
     return torch.exp(F.interpolate(control, size=shape, mode="trilinear", align_corners=True))[0, 0]
 
 
+def render_labels(
+    label_map: torch.Tensor,
+    label_means: Callable[[torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+    blur_sigma: float = 0.5,
+    noise_std: float = 0.02,
+    bias_strength: float = 0.1,
+) -> torch.Tensor:
+    """Render a label map ``[X, Y, Z]`` (integers, any device) whose labels have the given mean intensities.
+
+    Args:
+        label_map: integer label map, 0 = background.
+        label_means: maps the sorted unique label values ``[L]`` to their mean intensities ``[L]`` (CPU tensors).
+        generator: CPU generator of every random draw after ``label_means`` (bias field, noise).
+        blur_sigma: standard deviation of the Gaussian partial-volume blur, in voxels (0 disables it).
+        noise_std: standard deviation of the Rician noise, relative to the [0, 1] intensity scale.
+        bias_strength: standard deviation of the log bias field at its control points.
+
+    Returns:
+        ``[X, Y, Z]`` float32 image in [0, 1] on the label map's device, background exactly 0.
+    """
+    device, shape = label_map.device, tuple(label_map.shape)
+    values, index = torch.unique(label_map, return_inverse=True)
+    means = label_means(values.cpu()).float().clamp_min(0.0)
+    means[values.cpu() == 0] = 0.0
+    image = means.to(device)[index]
+    foreground = (label_map > 0).float()
+
+    if blur_sigma > 0:
+        blur = GaussianFilter(spatial_dims=3, sigma=blur_sigma).to(device)
+        image, foreground = blur(torch.stack([image, foreground])[:, None])[:, 0]
+    image = image * _bias_field(shape, bias_strength, generator).to(device)
+    noise = noise_std * torch.randn((2, *shape), generator=generator).to(device)
+    # magnitude of a complex signal with Gaussian noise in both channels: Rician
+    image = torch.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
+    # background: outside the (blurred) label mask, where no partial-volume tissue remains
+    image = torch.where(foreground > 0.05, image, torch.zeros_like(image))
+    return (image / image.max().clamp_min(1e-6)).float()
+
+
 def render_contrast(
     labels: np.ndarray | torch.Tensor,
     contrast: str,
@@ -71,15 +113,14 @@ def render_contrast(
     bias_strength: float = 0.1,
     jitter: float = 0.02,
 ) -> np.ndarray | torch.Tensor:
-    """Render an MR-like image of ``contrast`` from a FreeSurfer label map.
+    """Render an MR-like image of ``contrast`` from a FreeSurfer label map (:func:`render_labels` with each label at its
+    tissue class's mean for ``contrast`` plus a seeded jitter).
 
     Args:
         labels: ``[X, Y, Z]`` integer label map (FreeSurfer values, 0 = background).
         contrast: one of ``"t1"``, ``"t2"``, ``"flair"``, ``"pd"``.
         seed: seed of every random choice (per-label jitter, bias field, noise).
-        blur_sigma: standard deviation of the Gaussian partial-volume blur, in voxels (0 disables it).
-        noise_std: standard deviation of the Rician noise, relative to the [0, 1] intensity scale.
-        bias_strength: standard deviation of the log bias field at its control points.
+        blur_sigma, noise_std, bias_strength: as in :func:`render_labels`.
         jitter: standard deviation of the random offset added to each label's mean intensity.
 
     Returns:
@@ -94,25 +135,12 @@ def render_contrast(
     if label_map.ndim != 3:
         raise ValueError(f"labels must be a 3D [X, Y, Z] map, got shape {tuple(label_map.shape)}.")
     label_map = label_map.round().long() if label_map.is_floating_point() else label_map.long()
-    device, shape = label_map.device, tuple(label_map.shape)
     # random numbers are drawn on the CPU so that a seed gives the same image on every device
     generator = torch.Generator().manual_seed(seed)
 
-    values, index = torch.unique(label_map, return_inverse=True)
-    means = torch.tensor([CLASS_MEANS[tissue_class(v)][column] for v in values.tolist()])
-    means = (means + jitter * torch.randn(len(means), generator=generator)).clamp_min(0.0)
-    means[values == 0] = 0.0
-    image = means.to(device)[index]
-    foreground = (label_map > 0).float()
+    def class_means(values: torch.Tensor) -> torch.Tensor:
+        means = torch.tensor([CLASS_MEANS[tissue_class(v)][column] for v in values.tolist()])
+        return means + jitter * torch.randn(len(means), generator=generator)
 
-    if blur_sigma > 0:
-        blur = GaussianFilter(spatial_dims=3, sigma=blur_sigma).to(device)
-        image, foreground = blur(torch.stack([image, foreground])[:, None])[:, 0]
-    image = image * _bias_field(shape, bias_strength, generator).to(device)
-    noise = noise_std * torch.randn((2, *shape), generator=generator).to(device)
-    # magnitude of a complex signal with Gaussian noise in both channels: Rician
-    image = torch.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
-    # background: outside the (blurred) label mask, where no partial-volume tissue remains
-    image = torch.where(foreground > 0.05, image, torch.zeros_like(image))
-    image = (image / image.max().clamp_min(1e-6)).float()
+    image = render_labels(label_map, class_means, generator, blur_sigma, noise_std, bias_strength)
     return image.cpu().numpy() if as_numpy else image

@@ -1,0 +1,102 @@
+"""Random-contrast images rendered from label maps on the fly (SynthMorph-style training pairs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_tensor, ensure_tuple
+
+from .render import CLASS_MEANS, render_labels, tissue_class
+
+__all__ = ["RandLabelToImaged"]
+
+
+class RandLabelToImaged(RandomizableTransform, MapTransform):
+    """Render an image of a random contrast from each label map in ``keys``, each key with its own draw.
+
+    A draw gives every tissue class (``group_labels``; else every label) a mean intensity uniform in ``[0, 1]``, plus a
+    per-label jitter, so that any contrast can appear, as in SynthMorph; with probability ``prior_prob`` the class
+    means of a real contrast (:data:`common.synthesis.CLASS_MEANS`, chosen at random) are used instead. Then a
+    partial-volume blur, a bias field, Rician noise (:func:`common.synthesis.render_labels`), a random loss of
+    resolution along one axis, and a random gamma. The images stay on the label maps' device.
+
+    Args:
+        keys: label maps ``[1, X, Y, Z]`` (FreeSurfer values, 0 = background).
+        image_keys: where to write each key's image ``[1, X, Y, Z]`` (float32 in ``[0, 1]``).
+        group_labels: labels of one tissue class share a mean, so that structures keep their anatomical grouping.
+        jitter: standard deviation of the per-label offset from its class mean.
+        prior_prob: probability of a real contrast's class means.
+        max_blur: upper bound of the blur's standard deviation (voxels), drawn uniformly from 0.
+        max_bias: upper bound of the bias field's log-amplitude.
+        max_noise: upper bound of the noise standard deviation.
+        max_slice_factor: upper bound of the factor by which one random axis loses resolution (1: never).
+        gamma_std: standard deviation of the log of the gamma exponent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_keys: KeysCollection,
+        group_labels: bool = True,
+        jitter: float = 0.05,
+        prior_prob: float = 0.5,
+        max_blur: float = 1.0,
+        max_bias: float = 0.3,
+        max_noise: float = 0.05,
+        max_slice_factor: float = 3.0,
+        gamma_std: float = 0.25,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.image_keys = ensure_tuple(image_keys)
+        if len(self.image_keys) != len(self.keys):
+            raise ValueError(f"one image key per label key: got {len(self.image_keys)} for {len(self.keys)}.")
+        self.group_labels, self.jitter, self.prior_prob = group_labels, jitter, prior_prob
+        self.max_blur, self.max_bias, self.max_noise = max_blur, max_bias, max_noise
+        self.max_slice_factor, self.gamma_std = max_slice_factor, gamma_std
+
+    def _label_means(self, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The draw of mean intensities for sorted unique label values (CPU tensors)."""
+        classes = sorted(CLASS_MEANS)
+        if self.R.uniform() < self.prior_prob:
+            column = int(self.R.randint(len(next(iter(CLASS_MEANS.values())))))
+            class_mean = {name: CLASS_MEANS[name][column] for name in classes}
+        else:
+            class_mean = dict(zip(classes, self.R.uniform(size=len(classes)).tolist()))
+
+        def means(values: torch.Tensor) -> torch.Tensor:
+            if self.group_labels:
+                base = torch.tensor([class_mean[tissue_class(v)] for v in values.tolist()])
+            else:
+                base = torch.rand(len(values), generator=generator)
+            return (base + self.jitter * torch.randn(len(values), generator=generator)).clamp(0, 1)
+
+        return means
+
+    def _render(self, labels: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(int(self.R.randint(2**31)))
+        label_map = labels[0].round().long() if labels.is_floating_point() else labels[0].long()
+        blur, bias, noise = (float(self.R.uniform(0, m)) for m in (self.max_blur, self.max_bias, self.max_noise))
+        image = render_labels(label_map, self._label_means(generator), generator, blur, noise, bias)[None]
+        factor = float(self.R.uniform(1, self.max_slice_factor))
+        if factor > 1.05:
+            axis, shape = int(self.R.randint(3)), list(image.shape[1:])
+            thick = list(shape)
+            thick[axis] = max(2, round(shape[axis] / factor))
+            image = F.interpolate(F.interpolate(image[None], size=thick, mode="area"), size=shape, mode="trilinear")[0]
+        gamma = float(torch.exp(torch.tensor(self.R.normal(0, self.gamma_std))))
+        return image.clamp(0, 1) ** gamma
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key, image_key in self.key_iterator(d, self.image_keys):
+            labels = convert_to_tensor(d[key], track_meta=False)
+            if labels.ndim != 4 or labels.shape[0] != 1:
+                raise ValueError(f"{key} must be a label map [1, X, Y, Z], got shape {tuple(labels.shape)}.")
+            d[image_key] = self._render(labels)
+        return d
