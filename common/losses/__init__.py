@@ -1,4 +1,5 @@
 from .contrastive import VoxelInfoNCELoss, sample_voxels, voxel_similarities
+from .correlation import GlobalNormalizedCrossCorrelationLoss
 from .mind import MINDSSC, MINDSSCLoss, mind_ssc
 from .mutual_information import (
     LocalMutualInformationLoss,
@@ -7,16 +8,19 @@ from .mutual_information import (
     parzen_weights,
     patch_groups,
 )
+from .pair import PairRegistrationLoss
 from .regularizers import DisplacementDivergenceLoss, DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
 
 __all__ = [
     "DisplacementDivergenceLoss",
     "DisplacementSmoothnessLoss",
+    "GlobalNormalizedCrossCorrelationLoss",
     "JacobianBarrierLoss",
     "LocalMutualInformationLoss",
     "MINDSSC",
     "MINDSSCLoss",
     "MultiAxisMutualInformationLoss",
+    "PairRegistrationLoss",
     "VelocityMagnitudeLoss",
     "VoxelInfoNCELoss",
     "grouped_mutual_information",

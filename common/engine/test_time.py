@@ -1,0 +1,105 @@
+"""Test-time optimisation: fine-tune a trained registration network on the one pair it registers."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from monai.inferers import Inferer
+from monai.transforms import ScaleIntensityRangePercentiles
+from monai.utils import convert_to_tensor
+
+from common.spatial.fields import resize_ddf
+
+from .optimizer import BestState, create_pair_engine
+from .registration import downsample_image
+
+
+def working_shape(shape: Sequence[int], spacing: Sequence[float], spacing_mm: float | None, multiple: int) -> tuple[int, ...]:
+    """The grid a network works on: the field of view of ``shape`` at ``spacing`` mm, at ``spacing_mm`` (None: the
+    image's own voxel size), each side rounded up to a multiple of ``multiple`` voxels."""
+    sides = [n if spacing_mm is None else n * s / spacing_mm for n, s in zip(shape, spacing)]
+    return tuple(max(multiple, multiple * math.ceil(side / multiple - 1e-6)) for side in sides)
+
+
+class TestTimeOptimizationInferer(Inferer):
+    """Register a pair with a trained network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]``, first
+    fine-tuned on that pair alone (the TTO of TTO-KD).
+
+    Both images are scaled to ``[0, 1]`` (0.5 and 99.5 percentiles) and resampled, field of view matched corner to
+    corner, onto :func:`working_shape`; a copy of the network is optimised with ``loss`` by Adam for at most
+    ``iterations`` steps or ``time_budget_s`` seconds, whichever comes first; the parameters at the lowest loss give
+    the displacement, resampled onto the image grid. The network given is left unchanged.
+
+    Args:
+        loss: ``(ddf, fixed, moving) -> scalar`` on the working grid, e.g. :class:`common.losses.PairRegistrationLoss`.
+        iterations: optimisation steps; 0 uses the network as trained (no TTO).
+        time_budget_s: stop after this many seconds (None: no limit).
+        learning_rate: Adam learning rate.
+        spacing_mm: voxel size of the working grid (the one the network was trained at); None keeps the image's.
+        multiple: the working grid's sides are multiples of this (16 for a U-Net with four poolings).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        iterations: int = 100,
+        time_budget_s: float | None = 60.0,
+        learning_rate: float = 1e-3,
+        spacing_mm: float | None = None,
+        multiple: int = 16,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.loss, self.iterations, self.time_budget_s = loss, iterations, time_budget_s
+        self.learning_rate, self.spacing_mm, self.multiple, self.progress = learning_rate, spacing_mm, multiple, progress
+        self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+        self.stats: dict = {}
+
+    def __call__(  # type: ignore[override]
+        self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module, spacing: Sequence[float]
+    ) -> torch.Tensor:
+        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` mm.
+
+        Returns:
+            displacement ``[1, 3, X, Y, Z]`` in voxels of that grid (pull-back: warped(x) = moving(x + u(x))).
+        """
+        shape = tuple(fixed.shape[2:])
+        grid = working_shape(shape, spacing, self.spacing_mm, self.multiple)
+        fixed_w, moving_w = (
+            downsample_image(convert_to_tensor(self.normalise(x.float()), track_meta=False), grid) for x in (fixed, moving)
+        )
+        pair = torch.cat([moving_w, fixed_w], dim=1)
+        model = copy.deepcopy(network).to(fixed.device).train()
+        start = time.perf_counter()
+        self.stats = {"iterations": [0], "stage_time_s": [0.0], "final_loss": math.nan, "working_shape": list(grid)}
+        if self.iterations > 0:
+            optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
+            best = BestState()
+
+            def step() -> dict[str, float]:
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.loss(model(pair), fixed_w, moving_w)
+                loss.backward()
+                best.update(loss.item(), model)
+                optimizer.step()
+                return {"loss": loss.item()}
+
+            engine = create_pair_engine(
+                step,
+                self.iterations,
+                time_limit_s=self.time_budget_s,
+                progress=self.progress,
+                description=f"test-time optimisation ({'x'.join(map(str, grid))})",
+            )
+            engine.run(range(self.iterations), max_epochs=1)
+            best.restore(model)
+            self.stats.update(iterations=[engine.state.iteration], final_loss=best.loss)
+        self.stats["stage_time_s"] = [time.perf_counter() - start]
+        with torch.no_grad():
+            return resize_ddf(model.eval()(pair), shape)
