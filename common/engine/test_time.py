@@ -19,7 +19,9 @@ from .optimizer import BestState, create_pair_engine
 from .registration import downsample_image
 
 
-def working_shape(shape: Sequence[int], spacing: Sequence[float], spacing_mm: float | None, multiple: int) -> tuple[int, ...]:
+def working_shape(
+    shape: Sequence[int], spacing: Sequence[float], spacing_mm: float | None, multiple: int
+) -> tuple[int, ...]:
     """The grid a network works on: the field of view of ``shape`` at ``spacing`` mm, at ``spacing_mm`` (None: the
     image's own voxel size), each side rounded up to a multiple of ``multiple`` voxels."""
     sides = [n if spacing_mm is None else n * s / spacing_mm for n, s in zip(shape, spacing)]
@@ -57,7 +59,8 @@ class TestTimeOptimizationInferer(Inferer):
     ) -> None:
         super().__init__()
         self.loss, self.iterations, self.time_budget_s = loss, iterations, time_budget_s
-        self.learning_rate, self.spacing_mm, self.multiple, self.progress = learning_rate, spacing_mm, multiple, progress
+        self.learning_rate, self.spacing_mm, self.multiple = learning_rate, spacing_mm, multiple
+        self.progress = progress
         self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
         self.stats: dict = {}
 
@@ -72,7 +75,8 @@ class TestTimeOptimizationInferer(Inferer):
         shape = tuple(fixed.shape[2:])
         grid = working_shape(shape, spacing, self.spacing_mm, self.multiple)
         fixed_w, moving_w = (
-            downsample_image(convert_to_tensor(self.normalise(x.float()), track_meta=False), grid) for x in (fixed, moving)
+            downsample_image(convert_to_tensor(self.normalise(x.float()), track_meta=False), grid)
+            for x in (fixed, moving)
         )
         pair = torch.cat([moving_w, fixed_w], dim=1)
         model = copy.deepcopy(network).to(fixed.device).train()
