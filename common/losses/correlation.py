@@ -6,6 +6,8 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from .reduction import reduce_negated
+
 __all__ = ["GlobalNormalizedCrossCorrelationLoss"]
 
 
@@ -31,8 +33,4 @@ class GlobalNormalizedCrossCorrelationLoss(_Loss):
         a = pred.flatten(1) - pred.flatten(1).mean(1, keepdim=True)
         b = target.flatten(1) - target.flatten(1).mean(1, keepdim=True)
         ncc = (a * b).mean(1) / torch.sqrt((a.pow(2).mean(1) + self.eps) * (b.pow(2).mean(1) + self.eps))
-        if self.reduction == LossReduction.MEAN.value:
-            return -ncc.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return -ncc.sum()
-        return -ncc
+        return reduce_negated(ncc, self.reduction)

@@ -14,6 +14,8 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from .reduction import reduce_negated
+
 __all__ = [
     "LocalMutualInformationLoss",
     "MultiAxisMutualInformationLoss",
@@ -115,11 +117,7 @@ class LocalMutualInformationLoss(_Loss):
         if pred.shape != target.shape:
             raise ValueError(f"pred and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
         mi = grouped_mutual_information(self._groups(pred), self._groups(target), self.num_bins, self.sigma_ratio)
-        if self.reduction == LossReduction.MEAN.value:
-            return -mi.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return -mi.sum()
-        return -mi
+        return reduce_negated(mi, self.reduction)
 
 
 class MultiAxisMutualInformationLoss(_Loss):
@@ -161,8 +159,4 @@ class MultiAxisMutualInformationLoss(_Loss):
             a, b = (x[:, 0].movedim(axis + 1, 1).flatten(2) for x in (pred, target))  # [B, slices, slice voxels]
             per_axis.append(grouped_mutual_information(a, b, self.num_bins, self.sigma_ratio).mean(1))
         mi = torch.stack(per_axis, 1).mean(1)
-        if self.reduction == LossReduction.MEAN.value:
-            return -mi.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return -mi.sum()
-        return -mi
+        return reduce_negated(mi, self.reduction)
