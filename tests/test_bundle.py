@@ -16,6 +16,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from common.io import RegistrationInputError
+from common.workflow.evaluator import input_error_cause
 from common.synthesis import render_contrast
 
 from .conftest import invert_field, phantom_labels, smooth_field
@@ -154,3 +155,30 @@ def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, pair, tmp_path
     assert metrics["nonpositive_jacobian_percent"] < 0.1
     # 40 iterations on a phantom (not a brain, unlike the descriptor's training data): 0.847 -> 0.866 measured
     assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"] + 0.01
+
+
+@pytest.mark.parametrize("tto", [True, False])
+def test_tto_kd_registers_the_tiny_pair_with_and_without_test_time_optimisation(tto, pair, tmp_path):
+    """The contract's outputs from the student (here untrained: weights "") fine-tuned on the pair, or used as is."""
+    config = REPO / "bundles" / "tto_kd" / "configs" / "inference.json"
+    overrides = {"weights": "", "tto#enabled": tto, "tto#iterations": 5, "tto#spacing_mm": None, "progress": False}
+    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**overrides, **pair})
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("warped.nii.gz", "ddf.nii.gz", "jacobian.nii.gz", "warped_label.nii.gz", "qc.png"):
+        assert (tmp_path / name).is_file(), name
+    assert metrics["bundle"] == "tto_kd" and metrics["iterations"] == (5 if tto else 0)
+    assert nib.load(tmp_path / "warped.nii.gz").shape == nib.load(pair["fixed"]).shape
+
+
+def test_tto_kd_without_trained_weights_says_how_to_get_them(pair, tmp_path):
+    config = REPO / "bundles" / "tto_kd" / "configs" / "inference.json"
+    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", weights=str(tmp_path / "student.pt"), **pair)
+    with pytest.raises(Exception) as error:
+        workflow.initialize()
+        workflow.run()
+    cause = input_error_cause(error.value)
+    assert cause is not None and "student.pt" in str(cause) and "training config" in str(cause)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import VoxelMorphUNet
 
 from common.engine import TestTimeOptimizationInferer, working_shape
 from common.losses import GlobalNormalizedCrossCorrelationLoss, PairRegistrationLoss
 from common.metrics import dice_per_label, mean_dict
+from common.networks import DisplacementUNet
 from common.spatial import jacobian_determinant, warp
 from common.synthesis import render_contrast
 
@@ -17,11 +17,7 @@ from .conftest import phantom_labels, smooth_field
 
 def _small_unet() -> torch.nn.Module:
     torch.manual_seed(0)
-    net = VoxelMorphUNet(3, 2, 8, channels=(8, 8, 8, 8, 8, 8), final_conv_channels=(8,))
-    last = net.net[-1].final_conv_out.conv
-    torch.nn.init.normal_(last.weight, std=1e-5)  # an untrained network that starts near the identity
-    torch.nn.init.zeros_(last.bias)
-    return net
+    return DisplacementUNet((8, 8, 8, 8, 8, 8), unet_out_channels=8, final_conv_channels=(8,))  # near the identity
 
 
 def test_working_grid_is_a_multiple_of_16_at_the_requested_voxel_size():

@@ -1,4 +1,5 @@
-"""The descriptor's training configs run end to end on tiny data: one process, resumed, and two gloo processes."""
+"""The training configs run end to end on tiny data: one process, resumed, and two gloo processes (the descriptor of
+node_contrastive, the teacher and the distilled student of tto_kd)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from common.sample import sample_pair
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "node_contrastive" / "configs"
+TTO_KD = REPO / "bundles" / "tto_kd" / "configs"
 
 
-def _overrides(output: Path, epochs: int) -> list[str]:
+def _descriptor_values(output: Path, epochs: int) -> dict:
     sample = sample_pair()
-    values = {
+    return {
         "output_dir": str(output),
         "ckpt_dir": str(output / "models"),
         "train_label_maps": [sample["moving_label"]],
@@ -32,12 +34,14 @@ def _overrides(output: Path, epochs: int) -> list[str]:
         "val_interval": 1,
         "patch_size": [24, 24, 24],
     }
-    return [arg for key, value in values.items() for arg in (f"--{key}", json.dumps(value))]
 
 
-def _run(config: str, output: Path, epochs: int, launcher: list[str]) -> None:
+def _run(config: str, output: Path, epochs: int, launcher: list[str], values: dict | None = None) -> None:
+    """Run a training config with the tiny-data overrides (``values``; default: the descriptor's)."""
+    values = _descriptor_values(output, epochs) if values is None else values
+    overrides = [arg for key, value in values.items() for arg in (f"--{key}", json.dumps(value))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [*launcher, "-m", "monai.bundle", "run", "--config_file", config, *_overrides(output, epochs)]
+    command = [*launcher, "-m", "monai.bundle", "run", "--config_file", config, *overrides]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -78,3 +82,59 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
     assert len(_curve(tmp_path)) == 1  # written once, by rank 0
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["descriptor.pt"]
     _trained_network(tmp_path)  # plain (unwrapped) state dict, loadable without DistributedDataParallel
+
+
+def _tto_kd_values(output: Path, epochs: int, **extra: object) -> dict:
+    sample = sample_pair()
+    maps = [sample["moving_label"], sample["fixed_label"]]  # two subjects: two ordered pairs
+    return {
+        "output_dir": str(output),
+        "ckpt_dir": str(output / "models"),
+        "train_label_maps": maps,
+        "val_label_maps": maps,
+        "training_shape": [32, 32, 32],
+        "max_epochs": epochs,
+        "epoch_length": 2,
+        "val_interval": 1,
+        **extra,
+    }
+
+
+def _tto_kd_network(weights: Path, channels: list[int]) -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(str(TTO_KD / "train.json"))
+    parser["channels"] = channels
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return net
+
+
+def test_tto_kd_teacher_trains_resumes_and_distils_into_the_student(tmp_path):
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    _run(str(TTO_KD / "train.json"), teacher_dir, 1, [sys.executable], _tto_kd_values(teacher_dir, 1))
+    first = _tto_kd_network(teacher_dir / "models" / "teacher.pt", [16, 32, 32, 32, 32, 64, 64, 64]).state_dict()
+    _run(str(TTO_KD / "train.json"), teacher_dir, 2, [sys.executable], _tto_kd_values(teacher_dir, 2))
+    rows = _curve(teacher_dir)
+    assert [r["epoch"] for r in rows] == ["1.0", "2.0"] and rows[-1]["iteration"] == "4.0"
+    assert all(0.0 <= float(r["val_dice"]) <= 1.0 and r["val_dice_before"] for r in rows)
+    teacher = _tto_kd_network(teacher_dir / "models" / "teacher.pt", [16, 32, 32, 32, 32, 64, 64, 64])
+    assert any(not torch.equal(first[k], v) for k, v in teacher.state_dict().items())
+    # the paper's teacher and student: 0.6 M and 0.23 M parameters
+    assert sum(p.numel() for p in teacher.parameters()) == 610_819
+
+    kd = json.dumps([str(TTO_KD / "train.json"), str(TTO_KD / "train_kd.json")])
+    values = _tto_kd_values(student_dir, 1, teacher_weights=str(teacher_dir / "models" / "teacher.pt"))
+    _run(kd, student_dir, 1, [sys.executable], values)
+    student = _tto_kd_network(student_dir / "models" / "student.pt", [16, 24, 24, 24, 24, 32, 32, 32])
+    assert sum(p.numel() for p in student.parameters()) == 237_443
+    assert len(_curve(student_dir)) == 1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_tto_kd_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
+    config = json.dumps([str(TTO_KD / "train.json"), str(TTO_KD / "multi_gpu_train.json")])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run(config, tmp_path, 1, launcher, _tto_kd_values(tmp_path, 1))
+    assert len(_curve(tmp_path)) == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["teacher.pt"]
+    _tto_kd_network(tmp_path / "models" / "teacher.pt", [16, 32, 32, 32, 32, 64, 64, 64])

@@ -81,5 +81,5 @@ class PairRegistrationLoss(nn.Module):
             terms["divergence"] = self.divergence(ddf)
         if self.weights["distillation"]:
             terms["distillation"] = self.mi(warped, warp(moving, teacher_ddf.detach()))
-        self.terms = {name: float(value) for name, value in terms.items()}
+        self.terms = {name: float(value.detach()) for name, value in terms.items()}
         return torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()

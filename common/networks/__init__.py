@@ -1,3 +1,5 @@
-from .descriptor import DescriptorUNet, SelfSimilarityDescriptor, frozen
+from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
+from .displacement import DisplacementUNet
+from .weights import frozen, load_weights
 
-__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor", "frozen"]
+__all__ = ["DescriptorUNet", "DisplacementUNet", "SelfSimilarityDescriptor", "frozen", "load_weights"]

@@ -12,7 +12,7 @@ from monai.networks.blocks import Convolution
 
 from common.losses.mind import mind_ssc
 
-__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor", "frozen"]
+__all__ = ["DescriptorUNet", "SelfSimilarityDescriptor"]
 
 
 def _block(in_channels: int, out_channels: int, strides: int = 1) -> Convolution:
@@ -83,10 +83,3 @@ class SelfSimilarityDescriptor(nn.Module):
         tokens = torch.cat([mind_ssc(f, self.radius, d) for d in self.dilations], dim=1)
         return F.normalize(tokens, dim=1)
 
-
-def frozen(module: nn.Module, weights: str | None = None) -> nn.Module:
-    """``module`` with the state dict at ``weights`` loaded (strictly, on the CPU), in eval mode, without gradients
-    for its parameters: a fixed metric for registration, through which gradients still reach its input."""
-    if weights:
-        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return module.eval().requires_grad_(False)

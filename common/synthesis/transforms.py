@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import convert_to_tensor, ensure_tuple
 
-from .render import CLASS_MEANS, render_labels, tissue_class
+from .render import CLASS_MEANS, render_contrast, render_labels, tissue_class
 
-__all__ = ["RandLabelToImaged"]
+__all__ = ["LabelToContrastd", "RandLabelToImaged"]
 
 
 class RandLabelToImaged(RandomizableTransform, MapTransform):
@@ -99,4 +99,39 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
             if labels.ndim != 4 or labels.shape[0] != 1:
                 raise ValueError(f"{key} must be a label map [1, X, Y, Z], got shape {tuple(labels.shape)}.")
             d[image_key] = self._render(labels)
+        return d
+
+
+class LabelToContrastd(MapTransform, Transform):
+    """Render each label map in ``keys`` in one named contrast (:func:`common.synthesis.render_contrast`), the same
+    image every time: the deterministic pairs of validation sets and benchmarks.
+
+    Args:
+        keys: label maps ``[1, X, Y, Z]`` (FreeSurfer values).
+        image_keys: where to write each key's image ``[1, X, Y, Z]`` (float32 in ``[0, 1]``).
+        contrasts: the contrast of each key (``"t1"``, ``"t2"``, ``"flair"`` or ``"pd"``).
+        seed: seed of the first key's rendering; the next keys use ``seed + 1``, ``seed + 2``...
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_keys: KeysCollection,
+        contrasts: Sequence[str],
+        seed: int = 0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.image_keys, self.contrasts = ensure_tuple(image_keys), tuple(contrasts)
+        if not len(self.image_keys) == len(self.contrasts) == len(self.keys):
+            raise ValueError(f"one image key and one contrast per label key ({len(self.keys)}).")
+        self.seed = seed
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for i, key in enumerate(self.keys):
+            if key not in d:
+                continue
+            labels = convert_to_tensor(d[key], track_meta=False)
+            d[self.image_keys[i]] = render_contrast(labels[0].round().long(), self.contrasts[i], seed=self.seed + i)[None]
         return d

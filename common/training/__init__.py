@@ -8,14 +8,18 @@ from .contrastive import (
     retrieval_accuracy,
 )
 from .curves import TrainingCurve
+from .registration import PairDiceIteration, PairRegistrationIteration, ordered_pairs
 
 __all__ = [
     "ContrastiveIteration",
+    "PairDiceIteration",
+    "PairRegistrationIteration",
     "RandContrastViewsd",
     "RandShiftedViewsd",
     "RetrievalIteration",
     "TrainingCurve",
     "corresponding_parts",
     "latest_checkpoint",
+    "ordered_pairs",
     "retrieval_accuracy",
 ]

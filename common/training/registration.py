@@ -1,0 +1,71 @@
+"""Training a registration network on synthetic pairs: the pair list, the training step and the validation step."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine
+
+from common.metrics.overlap import dice_per_label, mean_dict
+from common.spatial.fields import warp
+
+__all__ = ["PairDiceIteration", "PairRegistrationIteration", "ordered_pairs"]
+
+
+def ordered_pairs(label_maps: Sequence[str]) -> list[dict[str, str]]:
+    """Every ordered pair of two different label maps, as ``{"moving_label": a, "fixed_label": b}`` items."""
+    return [{"moving_label": a, "fixed_label": b} for a, b in itertools.permutations(label_maps, 2)]
+
+
+def _pair(engine: Engine, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(network input [B, 2, X, Y, Z] = (moving, fixed), fixed, moving)`` on the engine's device."""
+    moving, fixed = (batch[k].to(engine.state.device, non_blocking=engine.non_blocking) for k in ("moving", "fixed"))
+    return torch.cat([moving, fixed], dim=1), fixed, moving
+
+
+class PairRegistrationIteration:
+    """One training step of a network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]`` (voxels).
+
+    The loss is ``engine.loss_function(ddf, fixed, moving, teacher_ddf)``
+    (:class:`common.losses.PairRegistrationLoss`); with a ``teacher`` (a frozen trained network) its displacement for
+    the same pair is passed on for distillation, else None.
+    """
+
+    def __init__(self, teacher: nn.Module | None = None) -> None:
+        self.teacher = teacher
+
+    def __call__(self, engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        pair, fixed, moving = _pair(engine, batch)
+        teacher_ddf = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_ddf = self.teacher.to(pair.device).eval()(pair)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        loss = engine.loss_function(engine.network(pair), fixed, moving, teacher_ddf)
+        loss.backward()
+        engine.optimizer.step()
+        terms = getattr(engine.loss_function, "terms", {})
+        return {"loss": loss.item(), **terms}
+
+
+class PairDiceIteration:
+    """One validation step: mean Dice between the fixed label map and the moving one warped (nearest neighbour) by the
+    network's displacement, over the labels present in both; also the Dice before registration."""
+
+    def __call__(self, engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        pair, _, _ = _pair(engine, batch)
+        engine.network.eval()
+        with torch.no_grad():
+            ddf = engine.network(pair)
+            moving_label = batch["moving_label"].to(ddf.device).float()
+            warped = warp(moving_label, ddf, mode="nearest")
+        fixed_label = batch["fixed_label"]
+        scores = [
+            (mean_dict(dice_per_label(w[0].cpu(), f[0])), mean_dict(dice_per_label(m[0].cpu(), f[0])))
+            for w, m, f in zip(warped, moving_label, fixed_label)
+        ]
+        return {"dice": sum(s[0] for s in scores) / len(scores), "dice_before": sum(s[1] for s in scores) / len(scores)}
