@@ -7,12 +7,13 @@ from .image import (
     check_overlap,
     load_image,
     load_label,
+    load_series,
     required_memory_bytes,
     world_bounds,
 )
 from .landmarks import load_landmarks
 from .resample import resample_to_grid
-from .writers import atomic_write, save_csv, save_ddf_itk, save_image, save_json
+from .writers import atomic_write, save_csv, save_ddf_itk, save_image, save_json, save_series
 
 __all__ = [
     "RegistrationInputError",
@@ -24,11 +25,13 @@ __all__ = [
     "load_image",
     "load_label",
     "load_landmarks",
+    "load_series",
     "required_memory_bytes",
     "resample_to_grid",
     "save_csv",
     "save_ddf_itk",
     "save_image",
     "save_json",
+    "save_series",
     "world_bounds",
 ]

@@ -30,8 +30,9 @@ def _loader() -> LoadImage:
     return LoadImage(reader=[ITKReader(), NibabelReader()], image_only=True, ensure_channel_first=True, dtype=None)
 
 
-def _read(path: PathLike, role: str) -> MetaTensor:
-    """Read any ITK/NiBabel 3D scalar image as ``[1, X, Y, Z]`` in its stored dtype; validate exists/readable/3D."""
+def _load_file(path: PathLike, role: str) -> MetaTensor:
+    """Read any ITK/NiBabel image file, channels (or frames) first, in its stored dtype; a clear error if it is missing
+    or unreadable."""
     file = Path(path)
     if not file.exists():
         raise input_error(role, path, "file not found")
@@ -44,6 +45,12 @@ def _read(path: PathLike, role: str) -> MetaTensor:
     except Exception as e:
         detail = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise input_error(role, path, f"cannot be read as an image ({type(e).__name__}: {detail[:200]})") from e
+    return img
+
+
+def _read(path: PathLike, role: str) -> MetaTensor:
+    """Read any ITK/NiBabel 3D scalar image as ``[1, X, Y, Z]`` in its stored dtype; validate exists/readable/3D."""
+    img = _load_file(path, role)
     data = img.as_tensor()
     while data.ndim > 4 and data.shape[-1] == 1:  # e.g. NIfTI stored as X,Y,Z,1,1
         data = data[..., 0]
@@ -53,6 +60,24 @@ def _read(path: PathLike, role: str) -> MetaTensor:
     spatial = tuple(data.shape[1:])
     if len(spatial) != 3 or min(spatial) < 2:
         raise input_error(role, path, f"is not a 3D image (spatial shape {spatial})")
+    return MetaTensor(data, meta=img.meta)
+
+
+def load_series(path: PathLike, role: str = "series") -> MetaTensor:
+    """Load a 4D time series (NIfTI ``X, Y, Z, T`` or any ITK-readable 4D file) as float32 ``[T, X, Y, Z]`` with a
+    float64 RAS ``.affine`` (mm) shared by every frame.
+
+    Raises:
+        RegistrationInputError: naming ``role`` and ``path``, if the file is missing or unreadable, is not a series of
+            at least two 3D frames, or has NaN/Inf values.
+    """
+    img = _load_file(path, role)
+    if img.ndim != 4 or img.shape[0] < 2 or min(img.shape[1:]) < 2:
+        raise input_error(role, path, f"is not a 4D series of at least two 3D frames (shape {tuple(img.shape)}, frames first)")
+    data = img.as_tensor().to(torch.float32)
+    bad = _count_nonfinite(data)
+    if bad:
+        raise input_error(role, path, f"contains {bad} NaN/Inf values")
     return MetaTensor(data, meta=img.meta)
 
 

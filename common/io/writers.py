@@ -69,6 +69,14 @@ def save_image(array: NdarrayOrTensor, affine_ras: NdarrayOrTensor, path: PathLi
     _save_nifti(data, affine_ras, path)
 
 
+def save_series(array: NdarrayOrTensor, affine_ras: NdarrayOrTensor, path: PathLike, dtype: DtypeLike = None) -> None:
+    """Write a time series ``[T, X, Y, Z]`` as a 4D NIfTI (``X, Y, Z, T``) with voxel-to-world ``affine_ras``."""
+    data = convert_to_numpy(array, dtype=dtype)
+    if data.ndim != 4:
+        raise ValueError(f"save_series expects a [T, X, Y, Z] array, got shape {data.shape}.")
+    _save_nifti(np.moveaxis(data, 0, -1), affine_ras, path)
+
+
 def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: PathLike) -> None:
     """Write a voxel displacement field as ITK/ANTs do: NIfTI vectors in LPS millimetres on the fixed grid.
 
