@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from common.sample import sample_pair
 from common.spatial import jacobian_determinant
-from common.synthesis import CONTRASTS, RandLabelToImaged, render_contrast
+from common.synthesis import CONTRASTS, LabelToContrastd, RandLabelToImaged, render_contrast
 from common.transforms import RandDiffeomorphicWarpd
 
 CSF, WM, GM = 4, 2, 3
@@ -170,3 +170,19 @@ def test_random_contrast_images_follow_their_labels_and_vary_between_draws():
         brighter.append(bool(image[labels == WM].mean() > image[labels == GM].mean()))
     assert np.median(shares) > 0.3, shares
     assert 0 < sum(brighter) < len(brighter)
+
+
+def test_label_to_contrast_renders_each_key_in_its_named_contrast_every_time(phantom):
+    """The validation pairs of the registration training: a T1-like moving and a T2-like fixed image, the same on
+    every call (a validation metric must not vary with random draws)."""
+    labels = torch.as_tensor(phantom)[None]
+    transform = LabelToContrastd(["moving_label", "fixed_label"], ["moving", "fixed"], ["t1", "t2"], seed=5)
+    out = transform({"moving_label": labels, "fixed_label": labels.clone()})
+    again = transform({"moving_label": labels, "fixed_label": labels.clone()})
+    assert torch.equal(out["moving"], again["moving"]) and torch.equal(out["fixed"], again["fixed"])
+    assert out["moving"].shape == (1, 24, 24, 24)
+    t1, t2 = (tissue_means(out[k][0].numpy(), phantom) for k in ("moving", "fixed"))
+    assert t1[WM] > t1[GM] > t1[CSF] and t2[CSF] > t2[GM] > t2[WM]
+    np.testing.assert_array_equal(out["fixed"][0].numpy(), render_contrast(phantom, "t2", seed=6))
+    with pytest.raises(ValueError, match="one image key and one contrast"):
+        LabelToContrastd(["a", "b"], ["x"], ["t1", "t2"])
