@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigWorkflow
 
-from common.io import RegistrationInputError
 from common.spatial import warp
+from common.workflow.evaluator import input_error_cause
 
 from .conftest import invert_field, smooth_field
 
@@ -105,4 +105,5 @@ def test_tto_kd_motion_config_writes_every_output_and_rejects_a_bad_region(tmp_p
     assert nib.load(tmp_path / "out" / "corrected.nii.gz").shape == (32, 32, 32, 4)
     with pytest.raises(Exception) as error:
         _workflow(config, output_dir=str(tmp_path / "bad"), roi=[0, 40, 0, 8, 0, 8], **overrides).run()
-    assert "region of interest" in str(error.value.__cause__ or error.value) or isinstance(error.value, RegistrationInputError)
+    cause = input_error_cause(error.value)
+    assert cause is not None and "region of interest" in str(cause) and "[0, 40, 0, 8, 0, 8]" in str(cause)
