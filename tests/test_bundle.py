@@ -162,7 +162,9 @@ def test_tto_kd_registers_the_tiny_pair_with_and_without_test_time_optimisation(
     """The contract's outputs from the student (here untrained: weights "") fine-tuned on the pair, or used as is."""
     config = REPO / "bundles" / "tto_kd" / "configs" / "inference.json"
     overrides = {"weights": "", "tto#enabled": tto, "tto#iterations": 5, "tto#spacing_mm": None, "progress": False}
-    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**overrides, **pair})
+    workflow = ConfigWorkflow(
+        config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**overrides, **pair}
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
@@ -176,7 +178,8 @@ def test_tto_kd_registers_the_tiny_pair_with_and_without_test_time_optimisation(
 
 def test_tto_kd_without_trained_weights_says_how_to_get_them(pair, tmp_path):
     config = REPO / "bundles" / "tto_kd" / "configs" / "inference.json"
-    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", weights=str(tmp_path / "student.pt"), **pair)
+    weights = str(tmp_path / "student.pt")
+    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", weights=weights, **pair)
     with pytest.raises(Exception) as error:
         workflow.initialize()
         workflow.run()

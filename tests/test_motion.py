@@ -56,7 +56,9 @@ def _field_in_voxels(path: Path, affine: np.ndarray) -> torch.Tensor:
 
 
 def _workflow(config: str, **overrides) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(config_file=[config, str(MOTION)], workflow_type="infer", device="cpu", progress=False, **overrides)
+    workflow = ConfigWorkflow(
+        config_file=[config, str(MOTION)], workflow_type="infer", device="cpu", progress=False, **overrides
+    )
     workflow.initialize()
     return workflow
 
@@ -66,11 +68,13 @@ def test_motion_correction_recovers_known_frame_motion(shared_data, tmp_path):
     frame's field is found to well within the motion, the reference is untouched, and the region's mean intensity per
     frame is written before and after correction."""
     series = _series(shared_data, tmp_path)
-    workflow = _workflow(str(REPO / "bundles" / "node_mind" / "configs" / "inference.json"), series=series["path"], roi=BOX, output_dir=str(tmp_path / "out"))
+    config = str(REPO / "bundles" / "node_mind" / "configs" / "inference.json")
+    workflow = _workflow(config, series=series["path"], roi=BOX, output_dir=str(tmp_path / "out"))
     workflow.run()
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["reference_frame"] == 1 and metrics["frames"] == 3 and metrics["max_nonpositive_jacobian_percent"] < 0.1
+    assert metrics["reference_frame"] == 1 and metrics["frames"] == 3
+    assert metrics["max_nonpositive_jacobian_percent"] < 0.1
     corrected = np.asarray(nib.load(out / "corrected.nii.gz").dataobj)
     assert corrected.shape == (48, 48, 48, 3)
     np.testing.assert_array_equal(corrected[..., 1], series["frames"][1].numpy())
@@ -84,7 +88,8 @@ def test_motion_correction_recovers_known_frame_motion(shared_data, tmp_path):
         rows = list(csv.DictReader(f))
     box = (slice(BOX[0], BOX[1]), slice(BOX[2], BOX[3]), slice(BOX[4], BOX[5]))
     assert [int(r["frame"]) for r in rows] == [0, 1, 2]
-    assert [float(r["roi_mean_before"]) for r in rows] == pytest.approx([float(f[box].mean()) for f in series["frames"]], rel=1e-5)
+    means = [float(f[box].mean()) for f in series["frames"]]
+    assert [float(r["roi_mean_before"]) for r in rows] == pytest.approx(means, rel=1e-5)
     assert float(rows[1]["roi_mean_after"]) == pytest.approx(float(rows[1]["roi_mean_before"]))
     assert (out / "roi_curve.png").stat().st_size > 0
 

@@ -73,7 +73,8 @@ def load_series(path: PathLike, role: str = "series") -> MetaTensor:
     """
     img = _load_file(path, role)
     if img.ndim != 4 or img.shape[0] < 2 or min(img.shape[1:]) < 2:
-        raise input_error(role, path, f"is not a 4D series of at least two 3D frames (shape {tuple(img.shape)}, frames first)")
+        shape = tuple(img.shape)
+        raise input_error(role, path, f"is not a 4D series of at least two 3D frames (shape {shape}, frames first)")
     data = img.as_tensor().to(torch.float32)
     bad = _count_nonfinite(data)
     if bad:

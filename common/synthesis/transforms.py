@@ -133,5 +133,6 @@ class LabelToContrastd(MapTransform, Transform):
             if key not in d:
                 continue
             labels = convert_to_tensor(d[key], track_meta=False)
-            d[self.image_keys[i]] = render_contrast(labels[0].round().long(), self.contrasts[i], seed=self.seed + i)[None]
+            image = render_contrast(labels[0].round().long(), self.contrasts[i], seed=self.seed + i)
+            d[self.image_keys[i]] = image[None]
         return d
