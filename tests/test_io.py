@@ -287,3 +287,23 @@ def test_real_template_and_atlas():
     assert torch.equal(image.affine, torch.as_tensor(nib.load(template).affine))
     labels = load_label(atlas, load_image(atlas))
     assert labels.dtype == torch.int32 and len(labels.unique()) > 100
+
+
+def test_nifti_loads_without_itk_and_other_formats_say_what_is_missing(tmp_path):
+    """ITK is only needed for NRRD, MHA/MHD and DICOM: a machine without it still reads NIfTI (run in a fresh
+    interpreter in which importing itk fails)."""
+    import subprocess
+    import sys
+
+    from common.sample import sample_pair
+
+    (tmp_path / "image.nrrd").write_bytes(b"NRRD0004\n")
+    script = (
+        "import sys; sys.modules['itk'] = None\n"
+        "from common.io import load_image, RegistrationInputError\n"
+        f"print(tuple(load_image({sample_pair()['fixed']!r}).shape))\n"
+        f"try:\n    load_image({str(tmp_path / 'image.nrrd')!r})\nexcept RegistrationInputError as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(1, 74, 80, 93)" in result.stdout and "read through ITK: pip install itk" in result.stdout

@@ -16,10 +16,12 @@ import torch
 from monai.config import PathLike
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage
+from monai.utils import optional_import
 
 from .errors import RegistrationInputError, input_error
 
 _NIBABEL_SUFFIXES = (".nii", ".nii.gz")
+_, has_itk = optional_import("itk")
 _GRID_ATOL = 1e-3
 _GB = 1e9
 
@@ -27,7 +29,9 @@ _GB = 1e9
 @lru_cache(maxsize=1)
 def _loader() -> LoadImage:
     # dtype=None keeps the stored type so that label maps can be checked for integer values before any cast.
-    return LoadImage(reader=[ITKReader(), NibabelReader()], image_only=True, ensure_channel_first=True, dtype=None)
+    # ITK is needed for NRRD, MHA/MHD and DICOM only: without it NIfTI still loads.
+    readers = [ITKReader(), NibabelReader()] if has_itk else [NibabelReader()]
+    return LoadImage(reader=readers, image_only=True, ensure_channel_first=True, dtype=None)
 
 
 def _load_file(path: PathLike, role: str) -> MetaTensor:
@@ -39,6 +43,8 @@ def _load_file(path: PathLike, role: str) -> MetaTensor:
     loader = _loader()
     # NIfTI through NiBabel (MONAI's reference reader for it); NRRD, MHA/MHD and DICOM folders through ITK.
     nifti = file.is_file() and file.name.lower().endswith(_NIBABEL_SUFFIXES)
+    if not nifti and not has_itk:
+        raise input_error(role, path, "is not NIfTI; NRRD, MHA/MHD and DICOM are read through ITK: pip install itk")
     reader = next(r for r in loader.readers[::-1] if isinstance(r, NibabelReader if nifti else ITKReader))
     try:
         img = loader(file, reader=reader)
