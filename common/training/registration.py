@@ -29,9 +29,9 @@ def _pair(engine: Engine, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tens
 class PairRegistrationIteration:
     """One training step of a network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]`` (voxels).
 
-    The loss is ``engine.loss_function(ddf, fixed, moving, teacher_ddf)``
-    (:class:`common.losses.PairRegistrationLoss`); with a ``teacher`` (a frozen trained network) its displacement for
-    the same pair is passed on for distillation, else None.
+    The loss is ``engine.loss_function(ddf, fixed, moving, teacher_ddf)`` (:class:`common.losses.PairRegistrationLoss`);
+    with a ``teacher`` (a trained network, frozen by :func:`common.networks.frozen` and on the training device) its
+    displacement for the same pair is passed on for distillation, else None.
     """
 
     def __init__(self, teacher: nn.Module | None = None) -> None:
@@ -42,7 +42,7 @@ class PairRegistrationIteration:
         teacher_ddf = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_ddf = self.teacher.to(pair.device).eval()(pair)
+                teacher_ddf = self.teacher(pair)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         loss = engine.loss_function(engine.network(pair), fixed, moving, teacher_ddf)

@@ -100,7 +100,8 @@ class RegistrationEvaluator(Engine):
         device: where registration runs.
         dataset: items are pairs loaded by :class:`~common.workflow.LoadRegistrationPaird`.
         inferer: per-pair optimiser, ``inferer(fixed, moving, network, spacing) -> ddf [1, 3, X, Y, Z]``.
-        network: builds the transform model from a flow-grid shape (the bundle's ``network_def``).
+        network: passed to the inferer: a callable building the transform model from a flow-grid shape (the Neural
+            ODE bundles' ``network_def``) or a trained registration network (tto_kd).
         output_dir: where outputs go.
         bundle_name, bundle_version: recorded in ``metrics.json``.
         memory_per_voxel: bytes per fixed-grid voxel that registration needs, for the memory check.
