@@ -2,8 +2,8 @@
 
     python benchmarks/peers.py METHOD --fixed F --moving M --fixed_label FL --moving_label ML --output_dir DIR
 
-Every method writes, on the fixed image's grid and with its affine, ``warped_label.nii.gz`` (the moving label map
-warped by nearest neighbour) and ``jacobian.nii.gz`` (the determinant of the transform's Jacobian), and ``run.json``
+Every method writes, on the fixed image's grid and with its affine, ``warped.nii.gz`` (the moving image warped),
+``warped_label.nii.gz`` (the moving label map warped by nearest neighbour) and ``jacobian.nii.gz`` (the determinant of the transform's Jacobian), and ``run.json``
 with its wall time (registration, warping and writing; imports and interpreter start excluded) and its own peak
 resident memory. The thread count is fixed by the caller through the environment (see :func:`thread_env`).
 """
@@ -103,7 +103,9 @@ def run_convexadam(args: argparse.Namespace) -> float:
     coords = np.einsum("ij,j...->i...", fixed_to_moving[:3, :3], points) + fixed_to_moving[:3, 3, None, None, None]
     labels = np.asanyarray(label_image.dataobj)
     warped_label = map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(np.int16)
+    warped = map_coordinates(moving.get_fdata(dtype=np.float32), points, order=1, mode="constant", cval=0)
     jacobian = jacobian_determinant(torch.from_numpy(ddf)[None])[0, 0].numpy()
+    save_image(warped, fixed_image.affine, args.output_dir / "warped.nii.gz")
     save_image(warped_label, fixed_image.affine, args.output_dir / "warped_label.nii.gz")
     save_image(jacobian.astype(np.float32), fixed_image.affine, args.output_dir / "jacobian.nii.gz")
     return time.perf_counter() - start
@@ -125,7 +127,7 @@ def run_bundle(args: argparse.Namespace, bundle: str, **overrides: object) -> fl
         fixed_label=str(args.fixed_label),
         moving_label=str(args.moving_label),
         output_dir=str(args.output_dir),
-        device="cpu",
+        device=args.device,
         **overrides,
     )
     workflow.initialize()
@@ -158,6 +160,12 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "node_contrastive_untrained": lambda args: run_bundle(
         args, "node_contrastive", **{"descriptor_weights": "", **args.overrides}
     ),
+    # tto_kd as released (the student fine-tuned on the pair), and its two networks alone, without test-time steps
+    "tto_kd": lambda args: run_bundle(args, "tto_kd", **args.overrides),
+    "tto_kd_student": lambda args: run_bundle(args, "tto_kd", **{"tto#enabled": False, **args.overrides}),
+    "tto_kd_teacher": lambda args: run_bundle(
+        args, "tto_kd", **{"model": "teacher", "tto#enabled": False, **args.overrides}
+    ),
 }
 
 
@@ -167,6 +175,7 @@ def main() -> None:
     for name in ("fixed", "moving", "fixed_label", "moving_label", "output_dir"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device of the collection's bundles (peers use the CPU)")
     parser.add_argument("--override", action="append", default=[], help="KEY=JSON config change (bundles only)")
     args = parser.parse_args()
     try:

@@ -18,9 +18,11 @@ Datasets:
 e.g. ``--override 'registration#iterations=[50, 150]'``; give each setting its own ``--output``.
 
 Each method-pair runs in its own process (``peers.py``) with a fixed number of threads and reports its wall time and
-peak memory. Metrics are computed here from each method's warped moving label map and Jacobian determinant on the
+peak memory. Metrics are computed here from each method's warped moving image, label map and Jacobian determinant on the
 fixed grid: Dice over the anatomical structures present in both label maps (mean and per structure group), HD95
-(mean over structures), % of voxels with a non-positive Jacobian determinant. Writes into the output folder
+(mean over structures), % of voxels with a non-positive Jacobian determinant, and PMM (the mean patch-wise normalised
+mutual information between the fixed and the warped moving image, ``common.metrics.patchwise_mi_map``, over the 16^3
+patches centred in the fixed brain). Writes into the output folder
 ``results.csv`` and ``results.json`` (every pair), ``table.md`` (means per dataset and method, also printed) and
 ``dice.png``; rendered pairs are cached as NIfTI under ``cache/`` so that every method reads the same files.
 """
@@ -59,7 +61,12 @@ from make_sample import (  # noqa: E402
 )
 from peers import METHODS, PEERS, thread_env  # noqa: E402
 
-from common.metrics import dice_per_label, hd95_per_label, nonpositive_jacobian_percent  # noqa: E402
+from common.metrics import (  # noqa: E402
+    dice_per_label,
+    hd95_per_label,
+    nonpositive_jacobian_percent,
+    patchwise_mi_map,
+)
 from common.synthesis import render_contrast  # noqa: E402
 
 DATASETS = (
@@ -186,8 +193,10 @@ def scored_labels(pair: Pair, fixed_label: np.ndarray, moving_label: np.ndarray)
     return sorted(anatomical & set(np.unique(fixed_label).tolist()) & set(np.unique(moving_label).tolist()))
 
 
-def score(pair: Pair, warped_label: np.ndarray, jacobian: np.ndarray | None) -> dict[str, object]:
-    """Dice (mean, per group, per label), mean HD95 and % non-positive Jacobian of one result on the fixed grid."""
+def score(
+    pair: Pair, warped_label: np.ndarray, jacobian: np.ndarray | None, warped: np.ndarray | None
+) -> dict[str, object]:
+    """Dice (mean, per group, per label), mean HD95, % non-positive Jacobian and PMM of one result on the fixed grid."""
     fixed = load_label_map(pair.fixed_label)
     labels = scored_labels(pair, np.asarray(fixed.dataobj), np.asarray(load_label_map(pair.moving_label).dataobj))
     dice = dice_per_label(warped_label, np.asarray(fixed.dataobj), labels=labels)
@@ -198,14 +207,21 @@ def score(pair: Pair, warped_label: np.ndarray, jacobian: np.ndarray | None) -> 
         row[f"dice_{group}"] = float(np.mean(values)) if values else math.nan
     row["hd95"] = float(np.nanmean(list(hd95.values())))
     row["nonpositive_jacobian_pct"] = math.nan if jacobian is None else nonpositive_jacobian_percent(jacobian)
+    # the paper's PMM: 16^3 patches at a stride of 4 voxels, averaged over the patches centred in the fixed brain
+    row["pmm"] = math.nan
+    if warped is not None:
+        fixed_image = nib.load(str(pair.fixed)).get_fdata(dtype=np.float32)
+        row["pmm"] = patchwise_mi_map(fixed_image, warped, patch=16, stride=4, mask=np.asarray(fixed.dataobj) > 0)[1]
     row["dice_per_label"] = {str(k): v for k, v in dice.items()}
     return row
 
 
 def before_registration(pair: Pair) -> dict[str, object]:
-    """Scores of the moving label map brought onto the fixed grid through the headers only."""
-    moving = resample_from_to(load_label_map(pair.moving_label), load_label_map(pair.fixed_label), order=0)
-    return score(pair, np.asarray(moving.dataobj).astype(np.int32), None)
+    """Scores of the moving image and label map brought onto the fixed grid through the headers only."""
+    fixed, fixed_label = nib.load(str(pair.fixed)), load_label_map(pair.fixed_label)
+    moving_label = resample_from_to(load_label_map(pair.moving_label), fixed_label, order=0)
+    moving = resample_from_to(nib.load(str(pair.moving)), fixed, order=1).get_fdata(dtype=np.float32)
+    return score(pair, np.asarray(moving_label.dataobj).astype(np.int32), None, moving)
 
 
 def on_fixed_grid(path: Path, fixed: nib.Nifti1Image) -> np.ndarray:
@@ -224,9 +240,11 @@ def run_method(
     timeout: float,
     resume: bool = False,
     overrides: Sequence[str] = (),
+    device: str = "cpu",
 ) -> dict[str, object]:
     """Run ``method`` on ``pair`` in its own process and score its outputs (``resume``: reuse a finished run;
-    ``overrides``: ``KEY=JSON`` config changes, passed to the collection's bundles only)."""
+    ``overrides``: ``KEY=JSON`` config changes, and ``device``: the torch device, both for the collection's bundles
+    only)."""
     if resume and (out_dir / "run.json").is_file():
         return score_outputs(pair, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +253,7 @@ def run_method(
         command += [f"--{key}", str(getattr(pair, key))]
     command += ["--threads", str(threads)]
     if method not in PEERS:
-        command += [arg for override in overrides for arg in ("--override", override)]
+        command += [arg for override in overrides for arg in ("--override", override)] + ["--device", device]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, env=thread_env(threads), capture_output=True, text=True, timeout=timeout)
@@ -257,9 +275,12 @@ def score_outputs(pair: Pair, out_dir: Path) -> dict[str, object]:
         fixed = nib.load(str(pair.fixed))
         warped_label = np.rint(on_fixed_grid(out_dir / "warped_label.nii.gz", fixed)).astype(np.int32)
         jacobian = on_fixed_grid(out_dir / "jacobian.nii.gz", fixed).astype(np.float32)
+        # runs made before the benchmark scored images have no warped image: PMM is then left empty
+        warped_path = out_dir / "warped.nii.gz"
+        warped = on_fixed_grid(warped_path, fixed).astype(np.float32) if warped_path.is_file() else None
     except (OSError, ValueError, KeyError) as error:  # missing or malformed outputs: report, go on with the rest
         return {"status": f"bad output: {error}"}
-    row = score(pair, warped_label, jacobian)
+    row = score(pair, warped_label, jacobian, warped)
     row.update(status="ok", time_s=report["wall_s"], memory_mb=report["peak_rss_mb"])
     return row
 
@@ -291,7 +312,7 @@ def mean_cell(rows: list[dict[str, object]], key: str, digits: int) -> str:
 def summarise(rows: list[dict[str, object]], datasets: list[str], methods: list[str]) -> str:
     """Markdown table: one row per (dataset, method), means over that dataset's pairs (std of Dice after ±)."""
     columns = [(f"dice_{g}", title, 3) for g, title in GROUP_TITLES.items()]
-    columns += [("hd95", "HD95 (mm)", 2), ("nonpositive_jacobian_pct", "% det J <= 0", 3)]
+    columns += [("hd95", "HD95 (mm)", 2), ("nonpositive_jacobian_pct", "% det J <= 0", 3), ("pmm", "PMM", 3)]
     columns += [("time_s", "time (s)", 1), ("memory_mb", "memory (MB)", 0)]
     header = ["dataset", "method", "pairs ok", "Dice"] + [title for _, title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -355,6 +376,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="rendered pairs (default: OUTPUT/cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair list and of the renderings")
     parser.add_argument("--threads", type=int, default=2, help="threads per method")
+    parser.add_argument("--device", default="cpu", help="torch device of the collection's bundles, e.g. cuda")
     parser.add_argument("--resume", action="store_true", help="reuse method-pairs already finished in OUTPUT/runs")
     parser.add_argument(
         "--report-only", action="store_true", help="score finished method-pairs only; run nothing new"
@@ -382,7 +404,7 @@ def main() -> None:
                 if args.report_only and not (out_dir / "run.json").is_file():
                     continue
                 resume = args.resume or args.report_only
-                row = run_method(pair, method, out_dir, args.threads, args.timeout, resume, args.override)
+                row = run_method(pair, method, out_dir, args.threads, args.timeout, resume, args.override, args.device)
             rows.append({"dataset": pair.dataset, "pair": pair.name, "method": method, **row})
             dice = f"Dice {row['dice']:.3f}" if row["status"] == "ok" else row["status"]
             print(f"{pair.dataset} {pair.name} {method}: {dice}", flush=True)

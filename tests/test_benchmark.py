@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -42,8 +46,10 @@ def test_overrides_reach_the_bundles_only(monkeypatch, tmp_path):
     monkeypatch.setattr(run_benchmark.subprocess, "run", fake_run)
     pair = run_benchmark.Pair("tuning_t2", "s01_to_s02", *(tmp_path / f"{k}.nii.gz" for k in "abcd"), groups={})
     for method in ("ants_strong", "node_lmi"):
-        run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["lmi#num_bins=8"])
-    assert "--override" not in commands[0] and commands[1][-2:] == ["--override", "lmi#num_bins=8"]
+        run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["lmi#num_bins=8"], device="cuda")
+    assert "--override" not in commands[0] and "--device" not in commands[0]
+    at = commands[1].index("--override")
+    assert commands[1][at : at + 2] == ["--override", "lmi#num_bins=8"] and commands[1][-2:] == ["--device", "cuda"]
 
 
 def test_tuning_pairs_at_1mm_are_the_renderings_behind_the_2mm_tuning_set(monkeypatch, tmp_path):
@@ -64,3 +70,31 @@ def test_tuning_pairs_at_1mm_are_the_renderings_behind_the_2mm_tuning_set(monkey
     assert len(at_1mm) == 3 and at_1mm == at_2mm
     # each pair is rendered once, from the tuning maps only, with the requested fixed contrast
     assert len(rendered) == 3 and all(c == "flair" and {m, f} <= set(run_benchmark.TUNING) for m, f, c in rendered)
+
+
+def test_scores_reward_the_aligned_result_and_tolerate_a_run_without_a_warped_image(tmp_path):
+    """Dice and PMM of a method's outputs: a perfect result scores 1 and a higher PMM than no registration."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros((32, 32, 32), np.int16)
+    labels[4:28, 4:28, 4:28] = 2
+    labels[10:22, 8:20, 12:24] = 41
+    fixed = (labels == 2) * 0.4 + (labels == 41) * 0.9 + rng.normal(0, 0.05, labels.shape)
+    moving_labels = np.roll(labels, 3, axis=0)
+    moving = 1.0 - np.roll(fixed, 3, axis=0)  # another contrast, shifted
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = {}
+    for name, array in (("fixed", fixed), ("moving", moving), ("fixed_label", labels), ("moving_label", moving_labels)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(array.astype(np.float32), affine), paths[name])
+    pair = run_benchmark.Pair("tuning_t2", "s01_to_s02", **paths, groups={"white_matter": (2, 41)})
+    out = tmp_path / "method"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"wall_s": 1.0, "peak_rss_mb": 10.0}))
+    for name, array in (("warped_label", labels), ("jacobian", np.ones_like(fixed)), ("warped", 1.0 - fixed)):
+        nib.save(nib.Nifti1Image(array.astype(np.float32), affine), out / f"{name}.nii.gz")
+
+    before, after = run_benchmark.before_registration(pair), run_benchmark.score_outputs(pair, out)
+    assert after["status"] == "ok" and after["dice"] == pytest.approx(1.0) and before["dice"] < 0.9
+    assert after["pmm"] > before["pmm"] + 0.1 and after["nonpositive_jacobian_pct"] == 0.0
+    (out / "warped.nii.gz").unlink()
+    assert math.isnan(run_benchmark.score_outputs(pair, out)["pmm"])
