@@ -3,8 +3,8 @@
     python benchmarks/peers.py METHOD --fixed F --moving M --fixed_label FL --moving_label ML --output_dir DIR
 
 Every method writes, on the fixed image's grid and with its affine, ``warped.nii.gz`` (the moving image warped),
-``warped_label.nii.gz`` (the moving label map warped by nearest neighbour) and ``jacobian.nii.gz`` (the determinant of the transform's Jacobian), and ``run.json``
-with its wall time (registration, warping and writing; imports and interpreter start excluded) and its own peak
+``warped_label.nii.gz`` (the moving label map warped by nearest neighbour), ``jacobian.nii.gz`` (the determinant of
+the transform's Jacobian) and ``run.json`` with its wall time (registration, warping and writing; imports and interpreter start excluded) and its own peak
 resident memory. The thread count is fixed by the caller through the environment (see :func:`thread_env`).
 """
 
