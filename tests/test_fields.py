@@ -154,6 +154,15 @@ def test_mind_matches_the_direct_twelve_pair_definition():
     assert torch.allclose(mind_ssc(img, r, d)[inner], expected[inner], atol=1e-6)
 
 
+def test_mind_gradient_of_a_multichannel_map_is_exact():
+    """Its backward pass is written by hand (for speed); check it against finite differences, in double precision,
+    on a feature map of several channels as a learned descriptor gives it."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.rand(1, 3, 7, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(1, 12, 7, 8, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: (mind_ssc(f, 1, 1) * weights).sum(), (feats,))
+
+
 def test_jacobian_barrier_is_zero_for_mild_and_positive_for_strong_compression():
     grid = identity_grid((10, 10, 10))[None]
     mild = -0.3 * grid * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1, 1)  # det 0.7
