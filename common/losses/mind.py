@@ -62,9 +62,9 @@ class _ShiftedSquaredDifferences(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_x = torch.zeros_like(x)
         inner, grad_inner = _shift(x, (0, 0, 0), ctx.pad), _shift(grad_x, (0, 0, 0), ctx.pad)
-        scale = 2.0 / x.shape[1]
+        grad = grad * (2.0 / x.shape[1])
         for i, v in enumerate(ctx.vectors):
-            term = (_shift(x, v, ctx.pad) - inner).mul_(grad[:, i : i + 1] * scale)
+            term = (_shift(x, v, ctx.pad) - inner).mul_(grad[:, i : i + 1])
             _shift(grad_x, v, ctx.pad).add_(term)
             grad_inner.sub_(term)
         return grad_x, None, None
