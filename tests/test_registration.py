@@ -77,6 +77,26 @@ def test_time_budget_and_convergence_stop_early():
     assert 10 < converged.stats["iterations"][0] < 2_000
 
 
+def test_each_stage_warps_or_recomputes_the_moving_descriptor_as_told():
+    """``warp_descriptor=(True, False)``: the first stage describes the moving image once and warps that, the second
+    describes the warped moving image at every iteration; the pair still gets registered."""
+    fixed = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
+    moving = torch.roll(fixed, 2, dims=2)
+
+    class Counted(MINDSSC):
+        calls = 0
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return super().forward(image)
+
+    descriptor = Counted(radius=1, dilation=1)
+    inferer = _inferer(descriptor=descriptor, levels=(1, 1), iterations=(30, 10), warp_descriptor=(True, False))
+    ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
+    assert descriptor.calls == (1 + 1) + (1 + 10)  # fixed and moving once, then fixed once and one per iteration
+    assert ddf[0, 0].mean() > 1.0, ddf[0, 0].mean()
+
+
 def test_best_state_restores_the_lowest_loss_parameters():
     module = torch.nn.Linear(2, 1)
     best = BestState()
@@ -100,7 +120,7 @@ def test_a_stage_on_random_voxels_keeps_its_last_state_not_its_luckiest_draw():
             return super().forward(pred, target) - (1.0 if self.calls == 2 else 0.0)
 
     inferer = _inferer(similarity=LuckyDraw(), sample_points=20_000, iterations=(60,))
-    assert inferer.is_sampled(fixed.shape[2:])
+    assert inferer.is_sampled(fixed.shape[2:], warp_descriptor=True)
     ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
     assert ddf[0, 0].mean() > 1.0, ddf[0, 0].mean()  # restoring the lucky second iteration: 0.11 voxel
     assert inferer.stats["final_loss"] > 0
@@ -109,6 +129,8 @@ def test_a_stage_on_random_voxels_keeps_its_last_state_not_its_luckiest_draw():
 def test_levels_and_iterations_must_match():
     with pytest.raises(ValueError, match="same length"):
         _inferer(levels=(2, 1), iterations=(10,))
+    with pytest.raises(ValueError, match="one flag per level"):
+        _inferer(levels=(2, 1), iterations=(10, 10), warp_descriptor=(True,))
 
 
 def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_whole_warped_image():
@@ -132,9 +154,9 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
     inferer = _inferer(similarity=Gap(), descriptor=descriptor, warp_descriptor=False, sample_points=16 * 8**3, sample_block=8)
     torch.manual_seed(0)
     # the fixed descriptor is the whole warped image's, so any difference is the block computation's
-    gap = inferer._similarity(ddf, moving, whole)
+    gap = inferer._similarity(ddf, moving, whole, warp_descriptor=False)
     assert gap.shape == (1, 16 * 8**3) and (gap < 1e-4).float().mean() > 0.93 and gap.mean() < 0.01
-    assert (inferer._similarity(torch.zeros_like(ddf), moving, whole) < 1e-4).float().mean() < 0.8
+    assert (inferer._similarity(torch.zeros_like(ddf), moving, whole, warp_descriptor=False) < 1e-4).float().mean() < 0.8
     # more blocks than that would cost more than the whole image: the whole warped image is described
     inferer.sample_points = 20 * 8**3
-    assert inferer._similarity(ddf, moving, whole).shape == (1, *shape)
+    assert inferer._similarity(ddf, moving, whole, warp_descriptor=False).shape == (1, *shape)

@@ -66,8 +66,10 @@ class InstanceOptimizationInferer(Inferer):
     Args:
         similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``.
         descriptor: module ``[1, 1, X, Y, Z] -> [1, C, X, Y, Z]``, or None to compare intensities.
-        warp_descriptor: warp the moving image's descriptor (computed once per level) instead of recomputing the
-            descriptor of the warped image every iteration; faster, and equal for smooth deformations.
+        warp_descriptor: warp the moving image's descriptor (computed once per stage) instead of recomputing the
+            descriptor of the warped image every iteration; faster, and equal for smooth deformations. One flag for
+            all stages or one per stage (e.g. ``(True, False)`` with ``levels=(1, 1)``: a cheap first stage on the
+            warped descriptor, refined on the recomputed one).
         levels: downsampling factor of the images at each stage, e.g. ``(2, 1)``.
         iterations: Adam steps at each stage.
         learning_rate: Adam learning rate.
@@ -97,7 +99,7 @@ class InstanceOptimizationInferer(Inferer):
         self,
         similarity: nn.Module,
         descriptor: nn.Module | None = None,
-        warp_descriptor: bool = False,
+        warp_descriptor: bool | Sequence[bool] = False,
         levels: Sequence[int] = (2, 1),
         iterations: Sequence[int] = (250, 50),
         learning_rate: float = 5e-3,
@@ -119,7 +121,12 @@ class InstanceOptimizationInferer(Inferer):
         super().__init__()
         if len(levels) != len(iterations):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
-        self.similarity, self.descriptor, self.warp_descriptor = similarity, descriptor, warp_descriptor
+        if isinstance(warp_descriptor, bool):
+            warp_descriptor = [warp_descriptor] * len(levels)
+        if len(warp_descriptor) != len(levels):
+            raise ValueError(f"warp_descriptor {list(warp_descriptor)} needs one flag per level of {list(levels)}.")
+        self.similarity, self.descriptor = similarity, descriptor
+        self.warp_descriptor = [bool(w) for w in warp_descriptor]
         self.levels, self.iterations = [int(f) for f in levels], [int(n) for n in iterations]
         self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
         self.weights = (similarity_weight, jacobian_weight, smoothness_weight, magnitude_weight)
@@ -140,22 +147,26 @@ class InstanceOptimizationInferer(Inferer):
         block = [min(self.sample_block, s) for s in shape]
         return block, max(1, (self.sample_points or 0) // math.prod(block))
 
-    def is_sampled(self, shape: Sequence[int]) -> bool:
-        """Whether a stage on a grid of ``shape`` compares descriptors at random voxels (a stochastic loss)."""
-        if self.warp_descriptor:
+    def is_sampled(self, shape: Sequence[int], warp_descriptor: bool) -> bool:
+        """Whether a stage on a grid of ``shape`` compares descriptors at random voxels (a stochastic loss), given
+        whether it warps the moving image's descriptor."""
+        if warp_descriptor:
             return bool(self.sample_points) and math.prod(shape) > self.sample_points
         reach = getattr(self.descriptor, "reach", None)
         block, count = self._blocks(shape)
         # recomputed in blocks only where the grown blocks hold fewer voxels than the whole image
         return reach is not None and count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
 
-    def _similarity(self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Similarity of the target and the source warped by ``displacement`` (flow grid) on the target's grid."""
+    def _similarity(
+        self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor, warp_descriptor: bool
+    ) -> torch.Tensor:
+        """Similarity of the target and the source warped by ``displacement`` (flow grid) on the target's grid; the
+        source is the moving image's descriptor if ``warp_descriptor``, else the moving image."""
         shape = target.shape[2:]
-        if not self.is_sampled(shape):
+        if not self.is_sampled(shape, warp_descriptor):
             warped = warp(source, resize_ddf(displacement, shape))
-            return self.similarity(warped if self.warp_descriptor else self._describe(warped), target)
-        if self.warp_descriptor:
+            return self.similarity(warped if warp_descriptor else self._describe(warped), target)
+        if warp_descriptor:
             points = self._random_points(shape, target.device)
             warped = self._warp_points(displacement, source, points, shape)
         else:
@@ -225,20 +236,22 @@ class InstanceOptimizationInferer(Inferer):
         start = time.perf_counter()
         self.stats = {"iterations": [], "stage_time_s": [], "final_loss": math.nan, "flow_shape": list(flow_shape)}
 
-        for level, (factor, num_iterations) in enumerate(zip(self.levels, self.iterations)):
+        for level, (factor, num_iterations, warp_descriptor) in enumerate(
+            zip(self.levels, self.iterations, self.warp_descriptor)
+        ):
             level_shape = tuple(max(2, math.ceil(s / factor)) for s in shape)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
             with torch.no_grad():
                 target = self._describe(fixed_l)
-                source = self._describe(moving_l) if self.warp_descriptor else moving_l
+                source = self._describe(moving_l) if warp_descriptor else moving_l
             # on a loss of random voxels the lowest value marks a lucky draw, not a better transform (at 1 mm it came
             # from the 6th of 35 iterations), so such a stage keeps its last state
-            best = None if self.is_sampled(level_shape) else BestState()
+            best = None if self.is_sampled(level_shape, warp_descriptor) else BestState()
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
                 displacement, velocity = model()
-                sim = w_sim * self._similarity(displacement, source, target)
+                sim = w_sim * self._similarity(displacement, source, target, warp_descriptor)
                 reg = (
                     w_jac * self.jacobian(displacement)
                     + w_smooth * self.smoothness(displacement)
