@@ -141,11 +141,20 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("bundle", ["node_lmi", "node_contrastive"])
-def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, pair, tmp_path):
-    """The other variants share node_mind's contract; each improves Dice with a diffeomorphic field."""
+@pytest.mark.parametrize(
+    "bundle, schedule",
+    [
+        ("node_lmi", FAST),
+        # its warped-then-recomputed schedule at the tiny pair's own ~1 mm (at 2 mm the phantom is ~15 voxels a side,
+        # too small for the descriptor's three downsamplings: Dice fell 0.847 -> 0.763)
+        ("node_contrastive", {"registration#levels": [1, 1], "registration#iterations": [30, 10], "progress": False}),
+    ],
+)
+def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, schedule, pair, tmp_path):
+    """The other variants share node_mind's contract; each improves Dice with a diffeomorphic field (node_contrastive
+    with its own stage schedule: warped, then recomputed descriptors)."""
     config = REPO / "bundles" / bundle / "configs" / "inference.json"
-    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**FAST, **pair})
+    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**schedule, **pair})
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
@@ -153,7 +162,8 @@ def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, pair, tmp_path
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["bundle"] == bundle and (tmp_path / "ddf.nii.gz").is_file() and (tmp_path / "qc.png").is_file()
     assert metrics["nonpositive_jacobian_percent"] < 0.1
-    # 40 iterations on a phantom (not a brain, unlike the descriptor's training data): 0.847 -> 0.866 measured
+    # 40 iterations on a phantom (not a brain, unlike the descriptor's training data), measured: node_lmi 0.847 -> 0.887,
+    # node_contrastive 0.847 -> 0.860
     assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"] + 0.01
 
 

@@ -131,6 +131,28 @@ def test_levels_and_iterations_must_match():
         _inferer(levels=(2, 1), iterations=(10,))
     with pytest.raises(ValueError, match="one flag per level"):
         _inferer(levels=(2, 1), iterations=(10, 10), warp_descriptor=(True,))
+    with pytest.raises(ValueError, match="'factor' or 'mm'"):
+        _inferer(levels=(2, 1), iterations=(10, 10), levels_unit="voxels")
+
+
+def test_levels_in_mm_put_each_stage_at_the_same_voxel_size_whatever_the_image():
+    """``(2, 1)`` mm: a 1 mm image's first stage runs at 2 mm, a 2 mm image's at its own grid (factors would take it
+    to 4 mm), and an anisotropic image is never made finer along its thick axis."""
+    in_mm = _inferer(levels=(2, 1), iterations=(1, 1), levels_unit="mm")
+    factors = _inferer(levels=(2, 1), iterations=(1, 1))
+    assert [in_mm.level_shape((160, 192, 144), (1.0,) * 3, grid) for grid in in_mm.levels] == [(80, 96, 72), (160, 192, 144)]
+    assert [in_mm.level_shape((80, 96, 72), (2.0,) * 3, grid) for grid in in_mm.levels] == [(80, 96, 72)] * 2
+    assert factors.level_shape((80, 96, 72), (2.0,) * 3, factors.levels[0]) == (40, 48, 36)
+    assert in_mm.level_shape((160, 192, 48), (1.0, 1.0, 3.0), 2.0) == (80, 96, 48)
+
+    seen = []
+    descriptor = MINDSSC(radius=1, dilation=1)
+    descriptor.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    image = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
+    _inferer(descriptor=descriptor, levels=(2, 1), iterations=(2, 2), levels_unit="mm")(
+        image, image.clone(), NETWORK, spacing=(2.0,) * 3
+    )
+    assert set(seen) == {tuple(image.shape[2:])}
 
 
 def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_whole_warped_image():

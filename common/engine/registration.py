@@ -59,8 +59,8 @@ class InstanceOptimizationInferer(Inferer):
     The transform model, built by ``network(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
     ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
     ``w_sim similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
-    descriptor (identity when None), optimised with Adam over ``levels`` (image downsampling factors, coarse to
-    fine), each for its number of ``iterations``. Each stage ends with the parameters of its lowest loss, except a
+    descriptor (identity when None), optimised with Adam over ``levels`` (coarse to fine image grids), each for its
+    number of ``iterations``. Each stage ends with the parameters of its lowest loss, except a
     stage that compares random voxels (:meth:`is_sampled`), which ends with its last parameters.
 
     Args:
@@ -70,7 +70,11 @@ class InstanceOptimizationInferer(Inferer):
             descriptor of the warped image every iteration; faster, and equal for smooth deformations. One flag for
             all stages or one per stage (e.g. ``(True, False)`` with ``levels=(1, 1)``: a cheap first stage on the
             warped descriptor, refined on the recomputed one).
-        levels: downsampling factor of the images at each stage, e.g. ``(2, 1)``.
+        levels: the images' grid at each stage, coarse to fine, as ``levels_unit`` says, e.g. ``(2, 1)``.
+        levels_unit: ``"factor"``: downsampling factors of the image grid (2: half the voxels along each axis);
+            ``"mm"``: voxel sizes in mm (as ANTs' ``mm`` smoothing sigmas), never finer than the image along any axis,
+            so that ``(2, 1)`` runs at 2 then 1 mm on a 1 mm image and twice at 2 mm on a 2 mm image. A descriptor
+            trained at one scale wants ``"mm"``: factors put a 2 mm image's coarse stage at 4 mm.
         iterations: Adam steps at each stage.
         learning_rate: Adam learning rate.
         similarity_weight: weight ``w_sim`` of the similarity, to put descriptors of another scale (unit-norm learned
@@ -100,7 +104,8 @@ class InstanceOptimizationInferer(Inferer):
         similarity: nn.Module,
         descriptor: nn.Module | None = None,
         warp_descriptor: bool | Sequence[bool] = False,
-        levels: Sequence[int] = (2, 1),
+        levels: Sequence[float] = (2, 1),
+        levels_unit: str = "factor",
         iterations: Sequence[int] = (250, 50),
         learning_rate: float = 5e-3,
         flow_downsample: float = 2.0,
@@ -121,13 +126,16 @@ class InstanceOptimizationInferer(Inferer):
         super().__init__()
         if len(levels) != len(iterations):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
+        if levels_unit not in ("factor", "mm"):
+            raise ValueError(f"levels_unit must be 'factor' or 'mm', got {levels_unit!r}.")
         if isinstance(warp_descriptor, bool):
             warp_descriptor = [warp_descriptor] * len(levels)
         if len(warp_descriptor) != len(levels):
             raise ValueError(f"warp_descriptor {list(warp_descriptor)} needs one flag per level of {list(levels)}.")
         self.similarity, self.descriptor = similarity, descriptor
         self.warp_descriptor = [bool(w) for w in warp_descriptor]
-        self.levels, self.iterations = [int(f) for f in levels], [int(n) for n in iterations]
+        self.levels, self.levels_unit = [float(f) for f in levels], levels_unit
+        self.iterations = [int(n) for n in iterations]
         self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
         self.weights = (similarity_weight, jacobian_weight, smoothness_weight, magnitude_weight)
         self.jacobian = JacobianBarrierLoss(jacobian_epsilon)
@@ -138,6 +146,12 @@ class InstanceOptimizationInferer(Inferer):
         self.sample_points, self.sample_block = sample_points, sample_block
         self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
         self.stats: dict = {}
+
+    def level_shape(self, shape: Sequence[int], spacing: Sequence[float], level: float) -> tuple[int, ...]:
+        """The image grid of a stage at ``level`` for an image of ``shape`` and voxel size ``spacing`` (mm)."""
+        if self.levels_unit == "mm":
+            return scaled_shape(shape, spacing, level)
+        return tuple(max(2, math.ceil(s / level)) for s in shape)
 
     def _describe(self, image: torch.Tensor) -> torch.Tensor:
         return image if self.descriptor is None else self.descriptor(image)
@@ -236,10 +250,10 @@ class InstanceOptimizationInferer(Inferer):
         start = time.perf_counter()
         self.stats = {"iterations": [], "stage_time_s": [], "final_loss": math.nan, "flow_shape": list(flow_shape)}
 
-        for level, (factor, num_iterations, warp_descriptor) in enumerate(
+        for level, (grid, num_iterations, warp_descriptor) in enumerate(
             zip(self.levels, self.iterations, self.warp_descriptor)
         ):
-            level_shape = tuple(max(2, math.ceil(s / factor)) for s in shape)
+            level_shape = self.level_shape(shape, spacing, grid)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
             with torch.no_grad():
                 target = self._describe(fixed_l)
