@@ -60,8 +60,8 @@ class InstanceOptimizationInferer(Inferer):
     ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
     ``w_sim similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
     descriptor (identity when None), optimised with Adam over ``levels`` (coarse to fine image grids), each for its
-    number of ``iterations``. Each stage ends with the parameters of its lowest loss, except a
-    stage that compares random voxels (:meth:`is_sampled`), which ends with its last parameters.
+    number of ``iterations``. Each stage ends with the parameters of its lowest loss, except a stage that compares
+    random voxels (:meth:`is_sampled`), which ends with its last parameters.
 
     Args:
         similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``.
