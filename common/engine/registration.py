@@ -68,8 +68,8 @@ class InstanceOptimizationInferer(Inferer):
         descriptor: module ``[1, 1, X, Y, Z] -> [1, C, X, Y, Z]``, or None to compare intensities.
         warp_descriptor: warp the moving image's descriptor (computed once per stage) instead of recomputing the
             descriptor of the warped image every iteration; faster, and equal for smooth deformations. One flag for
-            all stages or one per stage (e.g. ``(True, False)`` with ``levels=(1, 1)``: a cheap first stage on the
-            warped descriptor, refined on the recomputed one).
+            all stages or one per stage (e.g. ``(True, False)``: a cheap first stage on the warped descriptor,
+            refined on the recomputed one).
         levels: the images' grid at each stage, coarse to fine, as ``levels_unit`` says, e.g. ``(2, 1)``.
         levels_unit: ``"factor"``: downsampling factors of the image grid (2: half the voxels along each axis);
             ``"mm"``: voxel sizes in mm (as ANTs' ``mm`` smoothing sigmas), never finer than the image along any axis,
