@@ -155,6 +155,24 @@ def test_levels_in_mm_put_each_stage_at_the_same_voxel_size_whatever_the_image()
     assert set(seen) == {tuple(image.shape[2:])}
 
 
+def test_a_stage_repeating_the_one_before_is_skipped_so_a_1mm_schedule_costs_a_coarser_image_nothing():
+    """``(2, 2, 1)`` mm with the last two stages recomputed: a 1 mm image runs all three stages, a 2 mm image skips the
+    1 mm stage, which would repeat the second on its grid, and gets exactly the result of ``(2, 2)``."""
+    image = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None].float()
+    moving = torch.roll(image, shifts=1, dims=2)
+    schedule = dict(levels_unit="mm", warp_descriptor=(True, False, False))
+
+    fine = _inferer(levels=(2, 2, 1), iterations=(2, 3, 4), **schedule)
+    fine(image, moving, NETWORK, spacing=(1.0,) * 3)
+    assert fine.stats["iterations"] == [2, 3, 4]
+
+    coarse = _inferer(levels=(2, 2, 1), iterations=(2, 3, 4), **schedule)
+    skipped = coarse(image, moving, NETWORK, spacing=(2.0,) * 3)
+    assert coarse.stats["iterations"] == [2, 3, 0]
+    two_stages = _inferer(levels=(2, 2), iterations=(2, 3), levels_unit="mm", warp_descriptor=(True, False))
+    torch.testing.assert_close(skipped, two_stages(image, moving, NETWORK, spacing=(2.0,) * 3), rtol=0, atol=0)
+
+
 def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_whole_warped_image():
     """With ``warp_descriptor`` False and sampling, each random block's MIND comes from the warped moving image on the
     block grown by the descriptor's reach: the values the whole warped image's MIND has at those voxels, except where

@@ -74,7 +74,10 @@ class InstanceOptimizationInferer(Inferer):
         levels_unit: ``"factor"``: downsampling factors of the image grid (2: half the voxels along each axis);
             ``"mm"``: voxel sizes in mm (as ANTs' ``mm`` smoothing sigmas), never finer than the image along any axis,
             so that ``(2, 1)`` runs at 2 then 1 mm on a 1 mm image and twice at 2 mm on a 2 mm image. A descriptor
-            trained at one scale wants ``"mm"``: factors put a 2 mm image's coarse stage at 4 mm.
+            trained at one scale wants ``"mm"``: factors put a 2 mm image's coarse stage at 4 mm. A stage that would
+            repeat the stage before it (the same grid and the same ``warp_descriptor``) is skipped: its iterations
+            were set for detail the image does not have, so a schedule ending at 1 mm costs a 2 mm image no more
+            than its stages down to 2 mm.
         iterations: Adam steps at each stage.
         learning_rate: Adam learning rate.
         similarity_weight: weight ``w_sim`` of the similarity, to put descriptors of another scale (unit-norm learned
@@ -164,8 +167,10 @@ class InstanceOptimizationInferer(Inferer):
     def is_sampled(self, shape: Sequence[int], warp_descriptor: bool) -> bool:
         """Whether a stage on a grid of ``shape`` compares descriptors at random voxels (a stochastic loss), given
         whether it warps the moving image's descriptor."""
+        if not self.sample_points:
+            return False
         if warp_descriptor:
-            return bool(self.sample_points) and math.prod(shape) > self.sample_points
+            return math.prod(shape) > self.sample_points
         reach = getattr(self.descriptor, "reach", None)
         block, count = self._blocks(shape)
         # recomputed in blocks only where the grown blocks hold fewer voxels than the whole image
@@ -250,10 +255,17 @@ class InstanceOptimizationInferer(Inferer):
         start = time.perf_counter()
         self.stats = {"iterations": [], "stage_time_s": [], "final_loss": math.nan, "flow_shape": list(flow_shape)}
 
+        previous = None
         for level, (grid, num_iterations, warp_descriptor) in enumerate(
             zip(self.levels, self.iterations, self.warp_descriptor)
         ):
             level_shape = self.level_shape(shape, spacing, grid)
+            if (level_shape, warp_descriptor) == previous:
+                logger.info(f"stage {level + 1} repeats stage {level} on this image's grid: skipped")
+                self.stats["iterations"].append(0)
+                self.stats["stage_time_s"].append(0.0)
+                continue
+            previous = (level_shape, warp_descriptor)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
             with torch.no_grad():
                 target = self._describe(fixed_l)
