@@ -200,3 +200,6 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
     # more blocks than that would cost more than the whole image: the whole warped image is described
     inferer.sample_points = 20 * 8**3
     assert inferer._similarity(ddf, moving, whole, warp_descriptor=False).shape == (1, *shape)
+    # and without sample_points, every voxel
+    inferer.sample_points = None
+    assert inferer._similarity(ddf, moving, whole, warp_descriptor=False).shape == (1, *shape)
