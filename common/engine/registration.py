@@ -162,7 +162,7 @@ class InstanceOptimizationInferer(Inferer):
     def _blocks(self, shape: Sequence[int]) -> tuple[list[int], int]:
         """Side and number of the random blocks of recomputed descriptors on a grid of ``shape``."""
         block = [min(self.sample_block, s) for s in shape]
-        return block, max(1, (self.sample_points or 0) // math.prod(block))
+        return block, max(1, self.sample_points // math.prod(block))
 
     def is_sampled(self, shape: Sequence[int], warp_descriptor: bool) -> bool:
         """Whether a stage on a grid of ``shape`` compares descriptors at random voxels (a stochastic loss), given
