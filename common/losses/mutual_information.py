@@ -20,6 +20,7 @@ __all__ = [
     "LocalMutualInformationLoss",
     "MultiAxisMutualInformationLoss",
     "grouped_mutual_information",
+    "joint_histogram_mutual_information",
     "parzen_weights",
     "patch_groups",
 ]
@@ -51,7 +52,11 @@ def grouped_mutual_information(
     if a.shape != b.shape:
         raise ValueError(f"a and b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
     wa, wb = parzen_weights(a, num_bins, sigma_ratio), parzen_weights(b, num_bins, sigma_ratio)
-    joint = wa.transpose(-1, -2) @ wb / a.shape[-1]  # [..., bins, bins]
+    return joint_histogram_mutual_information(wa.transpose(-1, -2) @ wb / a.shape[-1], eps)
+
+
+def joint_histogram_mutual_information(joint: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Mutual information (nats) of normalised joint histograms ``[..., bins, bins]`` -> ``[...]``."""
     pa, pb = joint.sum(-1), joint.sum(-2)
     h_ab = -(joint * torch.log(joint + eps)).sum((-1, -2))
     h_a = -(pa * torch.log(pa + eps)).sum(-1)
@@ -154,9 +159,12 @@ class MultiAxisMutualInformationLoss(_Loss):
             raise ValueError(
                 f"expected pred and target of one shape [B, 1, X, Y, Z], got {tuple(pred.shape)} and {tuple(target.shape)}."
             )
+        # the Parzen weights of a voxel are the same whichever axis its slice is cut along, so they are computed once
+        wa, wb = (parzen_weights(x[:, 0], self.num_bins, self.sigma_ratio) for x in (pred, target))  # [B, X, Y, Z, bins]
         per_axis = []
         for axis in self.axes:
-            a, b = (x[:, 0].movedim(axis + 1, 1).flatten(2) for x in (pred, target))  # [B, slices, slice voxels]
-            per_axis.append(grouped_mutual_information(a, b, self.num_bins, self.sigma_ratio).mean(1))
+            a, b = (w.movedim(axis + 1, 1).flatten(2, 3) for w in (wa, wb))  # [B, slices, slice voxels, bins]
+            joint = a.transpose(-1, -2) @ b / a.shape[-2]
+            per_axis.append(joint_histogram_mutual_information(joint).mean(1))
         mi = torch.stack(per_axis, 1).mean(1)
         return reduce_negated(mi, self.reduction)
