@@ -20,7 +20,6 @@ __all__ = [
     "LocalMutualInformationLoss",
     "MultiAxisMutualInformationLoss",
     "grouped_mutual_information",
-    "joint_histogram_mutual_information",
     "parzen_weights",
     "patch_groups",
 ]
@@ -51,12 +50,14 @@ def grouped_mutual_information(
     """
     if a.shape != b.shape:
         raise ValueError(f"a and b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    wa, wb = parzen_weights(a, num_bins, sigma_ratio), parzen_weights(b, num_bins, sigma_ratio)
-    return joint_histogram_mutual_information(wa.transpose(-1, -2) @ wb / a.shape[-1], eps)
+    return _weights_mutual_information(
+        parzen_weights(a, num_bins, sigma_ratio), parzen_weights(b, num_bins, sigma_ratio), eps
+    )
 
 
-def joint_histogram_mutual_information(joint: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Mutual information (nats) of normalised joint histograms ``[..., bins, bins]`` -> ``[...]``."""
+def _weights_mutual_information(wa: torch.Tensor, wb: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Mutual information (nats) from paired Parzen weights ``[..., N, bins]`` of two images -> ``[...]``."""
+    joint = wa.transpose(-1, -2) @ wb / wa.shape[-2]  # [..., bins, bins]
     pa, pb = joint.sum(-1), joint.sum(-2)
     h_ab = -(joint * torch.log(joint + eps)).sum((-1, -2))
     h_a = -(pa * torch.log(pa + eps)).sum(-1)
@@ -164,7 +165,6 @@ class MultiAxisMutualInformationLoss(_Loss):
         per_axis = []
         for axis in self.axes:
             a, b = (w.movedim(axis + 1, 1).flatten(2, 3) for w in (wa, wb))  # [B, slices, slice voxels, bins]
-            joint = a.transpose(-1, -2) @ b / a.shape[-2]
-            per_axis.append(joint_histogram_mutual_information(joint).mean(1))
+            per_axis.append(_weights_mutual_information(a, b).mean(1))
         mi = torch.stack(per_axis, 1).mean(1)
         return reduce_negated(mi, self.reduction)
