@@ -172,6 +172,19 @@ def test_random_contrast_images_follow_their_labels_and_vary_between_draws():
     assert 0 < sum(brighter) < len(brighter)
 
 
+def test_random_background_is_rendered_like_a_tissue_when_asked(phantom):
+    """SynthMorph renders the background like any label, so that a registration network cannot learn that MI rises
+    when the moving image's background shrinks; by default it stays exactly 0 (skull-stripped images)."""
+    labels = torch.as_tensor(phantom)[None]
+    outside = torch.as_tensor(phantom == 0)
+    transform = RandLabelToImaged(["a"], ["image"], prior_prob=0.0, max_noise=0.0, background_prob=1.0)
+    levels = [float(transform.set_random_state(seed)({"a": labels})["image"][0][outside].mean()) for seed in range(8)]
+    assert min(levels) > 0 and max(levels) - min(levels) > 0.3, levels
+    default = RandLabelToImaged(["a"], ["image"], prior_prob=0.0).set_random_state(0)({"a": labels})["image"][0]
+    corner = F.max_pool3d((labels > 0).float()[None], 9, 1, 4)[0, 0] == 0
+    assert (default[corner] == 0).all()
+
+
 def test_label_to_contrast_renders_each_key_in_its_named_contrast_every_time(phantom):
     """The validation pairs of the registration training: a T1-like moving and a T2-like fixed image, the same on
     every call (a validation metric must not vary with random draws)."""

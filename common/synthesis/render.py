@@ -71,6 +71,7 @@ def render_labels(
     blur_sigma: float = 0.5,
     noise_std: float = 0.02,
     bias_strength: float = 0.1,
+    background: float | None = None,
 ) -> torch.Tensor:
     """Render a label map ``[X, Y, Z]`` (integers, any device) whose labels have the given mean intensities.
 
@@ -81,14 +82,15 @@ def render_labels(
         blur_sigma: standard deviation of the Gaussian partial-volume blur, in voxels (0 disables it).
         noise_std: standard deviation of the Rician noise, relative to the [0, 1] intensity scale.
         bias_strength: standard deviation of the log bias field at its control points.
+        background: mean intensity of label 0, rendered like any tissue (SynthMorph); None keeps it exactly 0.
 
     Returns:
-        ``[X, Y, Z]`` float32 image in [0, 1] on the label map's device, background exactly 0.
+        ``[X, Y, Z]`` float32 image in [0, 1] on the label map's device.
     """
     device, shape = label_map.device, tuple(label_map.shape)
     values, index = torch.unique(label_map, return_inverse=True)
     means = label_means(values.cpu()).float().clamp_min(0.0)
-    means[values.cpu() == 0] = 0.0
+    means[values.cpu() == 0] = 0.0 if background is None else background
     image = means.to(device)[index]
     foreground = (label_map > 0).float()
 
@@ -100,7 +102,8 @@ def render_labels(
     # magnitude of a complex signal with Gaussian noise in both channels: Rician
     image = torch.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
     # background: outside the (blurred) label mask, where no partial-volume tissue remains
-    image = torch.where(foreground > 0.05, image, torch.zeros_like(image))
+    if background is None:
+        image = torch.where(foreground > 0.05, image, torch.zeros_like(image))
     return (image / image.max().clamp_min(1e-6)).float()
 
 

@@ -35,6 +35,8 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         max_noise: upper bound of the noise standard deviation.
         max_slice_factor: upper bound of the factor by which one random axis loses resolution (1: never).
         gamma_std: standard deviation of the log of the gamma exponent.
+        background_prob: probability that a draw renders the background as a tissue of uniform random mean intensity
+            (SynthMorph), else it stays 0.
     """
 
     def __init__(
@@ -49,10 +51,12 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         max_noise: float = 0.05,
         max_slice_factor: float = 3.0,
         gamma_std: float = 0.25,
+        background_prob: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=1.0)
+        self.background_prob = background_prob
         self.image_keys = ensure_tuple(image_keys)
         if len(self.image_keys) != len(self.keys):
             raise ValueError(f"one image key per label key: got {len(self.image_keys)} for {len(self.keys)}.")
@@ -82,7 +86,8 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         generator = torch.Generator().manual_seed(int(self.R.randint(2**31)))
         label_map = labels[0].round().long() if labels.is_floating_point() else labels[0].long()
         blur, bias, noise = (float(self.R.uniform(0, m)) for m in (self.max_blur, self.max_bias, self.max_noise))
-        image = render_labels(label_map, self._label_means(generator), generator, blur, noise, bias)[None]
+        background = float(self.R.uniform()) if self.background_prob and self.R.uniform() < self.background_prob else None
+        image = render_labels(label_map, self._label_means(generator), generator, blur, noise, bias, background)[None]
         factor = float(self.R.uniform(1, self.max_slice_factor))
         if factor > 1.05:
             axis, shape = int(self.R.randint(3)), list(image.shape[1:])
