@@ -173,8 +173,8 @@ def test_random_contrast_images_follow_their_labels_and_vary_between_draws():
 
 
 def test_random_background_is_rendered_like_a_tissue_when_asked(phantom):
-    """SynthMorph renders the background like any label, so that a registration network cannot learn that MI rises
-    when the moving image's background shrinks; by default it stays exactly 0 (skull-stripped images)."""
+    """SynthMorph renders the background like any label, so that shrinking the moving image's background pays off
+    less in MI than against a zero background; by default it stays exactly 0 (skull-stripped images)."""
     labels = torch.as_tensor(phantom)[None]
     outside = torch.as_tensor(phantom == 0)
     transform = RandLabelToImaged(["a"], ["image"], prior_prob=0.0, max_noise=0.0, background_prob=1.0)
