@@ -101,8 +101,8 @@ def render_labels(
     noise = noise_std * torch.randn((2, *shape), generator=generator).to(device)
     # magnitude of a complex signal with Gaussian noise in both channels: Rician
     image = torch.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
-    # background: outside the (blurred) label mask, where no partial-volume tissue remains
     if background is None:
+        # zero outside the (blurred) label mask, where no partial-volume tissue remains
         image = torch.where(foreground > 0.05, image, torch.zeros_like(image))
     return (image / image.max().clamp_min(1e-6)).float()
 

@@ -56,13 +56,12 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=1.0)
-        self.background_prob = background_prob
         self.image_keys = ensure_tuple(image_keys)
         if len(self.image_keys) != len(self.keys):
             raise ValueError(f"one image key per label key: got {len(self.image_keys)} for {len(self.keys)}.")
         self.group_labels, self.jitter, self.prior_prob = group_labels, jitter, prior_prob
         self.max_blur, self.max_bias, self.max_noise = max_blur, max_bias, max_noise
-        self.max_slice_factor, self.gamma_std = max_slice_factor, gamma_std
+        self.max_slice_factor, self.gamma_std, self.background_prob = max_slice_factor, gamma_std, background_prob
 
     def _label_means(self, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
         """The draw of mean intensities for sorted unique label values (CPU tensors)."""
@@ -86,7 +85,8 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         generator = torch.Generator().manual_seed(int(self.R.randint(2**31)))
         label_map = labels[0].round().long() if labels.is_floating_point() else labels[0].long()
         blur, bias, noise = (float(self.R.uniform(0, m)) for m in (self.max_blur, self.max_bias, self.max_noise))
-        background = float(self.R.uniform()) if self.background_prob and self.R.uniform() < self.background_prob else None
+        random_background = self.background_prob > 0 and self.R.uniform() < self.background_prob
+        background = float(self.R.uniform()) if random_background else None
         image = render_labels(label_map, self._label_means(generator), generator, blur, noise, bias, background)[None]
         factor = float(self.R.uniform(1, self.max_slice_factor))
         if factor > 1.05:
