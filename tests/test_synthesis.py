@@ -172,6 +172,30 @@ def test_random_contrast_images_follow_their_labels_and_vary_between_draws():
     assert 0 < sum(brighter) < len(brighter)
 
 
+def test_a_same_contrast_draw_gives_every_label_one_mean_in_both_images(phantom):
+    """A same-contrast pair (the easy pairs of a training curriculum): each label has the same mean intensity in both
+    images, over several draws; by default the two images' contrasts differ."""
+    labels = torch.as_tensor(phantom).long()[None]
+    inside = labels[0] > 0
+
+    def label_means(image: torch.Tensor) -> torch.Tensor:
+        lab = labels[0][inside]
+        return torch.zeros(int(lab.max()) + 1).index_add_(0, lab, image[0][inside]) / torch.bincount(lab).clamp_min(1)
+
+    def gap(transform: RandLabelToImaged, seed: int) -> float:
+        out = transform.set_random_state(seed)({"a": labels, "b": labels.clone()})
+        a, b = label_means(out["image_a"]), label_means(out["image_b"])
+        present = torch.bincount(labels[0][inside]) > 0
+        return float((a - b)[present].abs().max())
+
+    # only the contrast draw left random, so that the images differ by their contrasts alone
+    fixed_look = dict(prior_prob=0.0, max_blur=0.0, max_bias=0.0, max_noise=0.0, max_slice_factor=1.0, gamma_std=0.0)
+    same = RandLabelToImaged(["a", "b"], ["image_a", "image_b"], **fixed_look, same_contrast_prob=1.0)
+    own = RandLabelToImaged(["a", "b"], ["image_a", "image_b"], **fixed_look)
+    assert max(gap(same, seed) for seed in range(6)) < 1e-5
+    assert min(gap(own, seed) for seed in range(6)) > 0.1
+
+
 def test_random_background_is_rendered_like_a_tissue_when_asked(phantom):
     """SynthMorph renders the background like any label, so that shrinking the moving image's background pays off
     less in MI than against a zero background; by default it stays exactly 0 (skull-stripped images)."""

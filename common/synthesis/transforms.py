@@ -14,9 +14,13 @@ from .render import CLASS_MEANS, render_contrast, render_labels, tissue_class
 
 __all__ = ["LabelToContrastd", "RandLabelToImaged"]
 
+# the mean intensity of any label values [L] (CPU tensors), and the background level (None: exactly 0)
+Contrast = tuple[Callable[[torch.Tensor], torch.Tensor], float | None]
+
 
 class RandLabelToImaged(RandomizableTransform, MapTransform):
-    """Render an image of a random contrast from each label map in ``keys``, each key with its own draw.
+    """Render an image of a random contrast from each label map in ``keys``, each key with its own draw of contrast
+    (or, with probability ``same_contrast_prob``, one draw of contrast shared by all keys).
 
     A draw gives every tissue class (``group_labels``; else every label) a mean intensity uniform in ``[0, 1]``, plus a
     per-label jitter, so that any contrast can appear, as in SynthMorph; with probability ``prior_prob`` the class
@@ -37,6 +41,8 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         gamma_std: standard deviation of the log of the gamma exponent.
         background_prob: probability that a draw renders the background as a tissue of uniform random mean intensity
             (SynthMorph), else it stays 0.
+        same_contrast_prob: probability that all keys share one draw of label means and background (a same-contrast
+            pair, the easy pairs of a training curriculum); blur, bias, noise, resolution and gamma stay per key.
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         max_slice_factor: float = 3.0,
         gamma_std: float = 0.25,
         background_prob: float = 0.0,
+        same_contrast_prob: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -62,32 +69,36 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         self.group_labels, self.jitter, self.prior_prob = group_labels, jitter, prior_prob
         self.max_blur, self.max_bias, self.max_noise = max_blur, max_bias, max_noise
         self.max_slice_factor, self.gamma_std, self.background_prob = max_slice_factor, gamma_std, background_prob
+        self.same_contrast_prob = same_contrast_prob
 
-    def _label_means(self, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The draw of mean intensities for sorted unique label values (CPU tensors)."""
+    def _contrast(self) -> Contrast:
+        """A draw of contrast; a label value gets the same mean whatever map it comes from."""
         classes = sorted(CLASS_MEANS)
         if self.R.uniform() < self.prior_prob:
             column = int(self.R.randint(len(next(iter(CLASS_MEANS.values())))))
             class_mean = {name: CLASS_MEANS[name][column] for name in classes}
         else:
             class_mean = dict(zip(classes, self.R.uniform(size=len(classes)).tolist()))
+        seed = int(self.R.randint(2**31))
+        random_background = self.background_prob > 0 and self.R.uniform() < self.background_prob
+        background = float(self.R.uniform()) if random_background else None
 
         def means(values: torch.Tensor) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(seed)
+            jitter = self.jitter * torch.randn(int(values.max()) + 1, generator=generator)[values.long()]
             if self.group_labels:
                 base = torch.tensor([class_mean[tissue_class(v)] for v in values.tolist()])
             else:
-                base = torch.rand(len(values), generator=generator)
-            return (base + self.jitter * torch.randn(len(values), generator=generator)).clamp(0, 1)
+                base = torch.rand(int(values.max()) + 1, generator=generator)[values.long()]
+            return (base + jitter).clamp(0, 1)
 
-        return means
+        return means, background
 
-    def _render(self, labels: torch.Tensor) -> torch.Tensor:
+    def _render(self, labels: torch.Tensor, contrast: Contrast) -> torch.Tensor:
         generator = torch.Generator().manual_seed(int(self.R.randint(2**31)))
         label_map = labels[0].round().long() if labels.is_floating_point() else labels[0].long()
         blur, bias, noise = (float(self.R.uniform(0, m)) for m in (self.max_blur, self.max_bias, self.max_noise))
-        random_background = self.background_prob > 0 and self.R.uniform() < self.background_prob
-        background = float(self.R.uniform()) if random_background else None
-        image = render_labels(label_map, self._label_means(generator), generator, blur, noise, bias, background)[None]
+        image = render_labels(label_map, contrast[0], generator, blur, noise, bias, contrast[1])[None]
         factor = float(self.R.uniform(1, self.max_slice_factor))
         if factor > 1.05:
             axis, shape = int(self.R.randint(3)), list(image.shape[1:])
@@ -99,11 +110,12 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        shared = self._contrast() if self.same_contrast_prob > 0 and self.R.uniform() < self.same_contrast_prob else None
         for key, image_key in self.key_iterator(d, self.image_keys):
             labels = convert_to_tensor(d[key], track_meta=False)
             if labels.ndim != 4 or labels.shape[0] != 1:
                 raise ValueError(f"{key} must be a label map [1, X, Y, Z], got shape {tuple(labels.shape)}.")
-            d[image_key] = self._render(labels)
+            d[image_key] = self._render(labels, shared or self._contrast())
         return d
 
 
