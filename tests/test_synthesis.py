@@ -143,12 +143,18 @@ def test_random_diffeomorphic_warp_moves_labels_with_their_image(phantom):
     assert torch.equal(unchanged["label"], labels) and unchanged["ddf"].abs().max() == 0
 
 
+def _foreground_label_means(image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean intensity of each label value ``[max label + 1]`` over the foreground (0 for absent values)."""
+    mask = labels > 0
+    lab = labels[mask]
+    return torch.zeros(int(lab.max()) + 1).index_add_(0, lab, image[mask]) / torch.bincount(lab).clamp_min(1)
+
+
 def _label_variance_share(image: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of the foreground intensity variance explained by the label map (1: each label one intensity)."""
     mask = labels > 0
     x, lab = image[mask], labels[mask]
-    means = torch.zeros(int(lab.max()) + 1).index_add_(0, lab, x) / torch.bincount(lab).clamp_min(1)
-    return float(1 - (x - means[lab]).var() / x.var())
+    return float(1 - (x - _foreground_label_means(image, labels)[lab]).var() / x.var())
 
 
 def test_random_contrast_images_follow_their_labels_and_vary_between_draws():
@@ -176,16 +182,11 @@ def test_a_same_contrast_draw_gives_every_label_one_mean_in_both_images(phantom)
     """A same-contrast pair (the easy pairs of a training curriculum): each label has the same mean intensity in both
     images, over several draws; by default the two images' contrasts differ."""
     labels = torch.as_tensor(phantom).long()[None]
-    inside = labels[0] > 0
-
-    def label_means(image: torch.Tensor) -> torch.Tensor:
-        lab = labels[0][inside]
-        return torch.zeros(int(lab.max()) + 1).index_add_(0, lab, image[0][inside]) / torch.bincount(lab).clamp_min(1)
+    present = torch.bincount(labels[labels > 0]) > 0
 
     def gap(transform: RandLabelToImaged, seed: int) -> float:
         out = transform.set_random_state(seed)({"a": labels, "b": labels.clone()})
-        a, b = label_means(out["image_a"]), label_means(out["image_b"])
-        present = torch.bincount(labels[0][inside]) > 0
+        a, b = (_foreground_label_means(out[k], labels) for k in ("image_a", "image_b"))
         return float((a - b)[present].abs().max())
 
     # only the contrast draw left random, so that the images differ by their contrasts alone
