@@ -84,12 +84,13 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         background = float(self.R.uniform()) if random_background else None
 
         def means(values: torch.Tensor) -> torch.Tensor:
-            generator = torch.Generator().manual_seed(seed)
-            jitter = self.jitter * torch.randn(int(values.max()) + 1, generator=generator)[values.long()]
+            # draws indexed by label value, not by rank, so that every map of the draw gets the same means
+            generator, size, index = torch.Generator().manual_seed(seed), int(values.max()) + 1, values.long()
+            jitter = self.jitter * torch.randn(size, generator=generator)[index]
             if self.group_labels:
                 base = torch.tensor([class_mean[tissue_class(v)] for v in values.tolist()])
             else:
-                base = torch.rand(int(values.max()) + 1, generator=generator)[values.long()]
+                base = torch.rand(size, generator=generator)[index]
             return (base + jitter).clamp(0, 1)
 
         return means, background
@@ -98,7 +99,8 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         generator = torch.Generator().manual_seed(int(self.R.randint(2**31)))
         label_map = labels[0].round().long() if labels.is_floating_point() else labels[0].long()
         blur, bias, noise = (float(self.R.uniform(0, m)) for m in (self.max_blur, self.max_bias, self.max_noise))
-        image = render_labels(label_map, contrast[0], generator, blur, noise, bias, contrast[1])[None]
+        means, background = contrast
+        image = render_labels(label_map, means, generator, blur, noise, bias, background)[None]
         factor = float(self.R.uniform(1, self.max_slice_factor))
         if factor > 1.05:
             axis, shape = int(self.R.randint(3)), list(image.shape[1:])
