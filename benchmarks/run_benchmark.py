@@ -9,10 +9,10 @@ Datasets:
     mm_2mm       the same pairs downsampled to 2 mm (images by 2x2x2 averaging, labels by the most frequent value);
     heldout_t2   ordered pairs (up to all 12) of the four label maps that no trained model of the collection sees in
                  training (``HELD_OUT``), T1-like moving vs T2-like fixed, at 2 mm;
-    heldout_flair  the same pairs, T1-like moving vs FLAIR-like fixed, at 2 mm;
-    tuning_t2, tuning_flair  the same renderings of pairs of the other twelve label maps (the training maps), at 2 mm:
+    heldout_flair, heldout_pd  the same pairs, T1-like moving vs FLAIR-like or PD-like fixed, at 2 mm;
+    tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training maps), at 2 mm:
                  where hyperparameters are chosen, so that the held-out sets stay untouched;
-    tuning_t2_1mm, tuning_flair_1mm  the same tuning pairs at 1 mm, for settings that matter at full resolution only.
+    tuning_t2_1mm, tuning_flair_1mm, tuning_pd_1mm  the same tuning pairs at 1 mm, for settings that matter at full resolution only.
 
 ``--override KEY=VALUE`` (repeatable, VALUE in JSON) changes a config key of the collection's bundles for the run,
 e.g. ``--override 'registration#iterations=[50, 150]'``; give each setting its own ``--output``.
@@ -75,10 +75,13 @@ DATASETS = (
     "mm_2mm",
     "heldout_t2",
     "heldout_flair",
+    "heldout_pd",
     "tuning_t2",
     "tuning_flair",
+    "tuning_pd",
     "tuning_t2_1mm",
     "tuning_flair_1mm",
+    "tuning_pd_1mm",
 )
 SUBJECTS = tuple(range(1, 17))
 # label maps kept out of every training config (their ``validation_maps``)
@@ -294,7 +297,7 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
         pairs += [downsampled_pair(pair, cache, seed) for pair in rendered] if "mm_2mm" in datasets else []
     for subset, subjects in (("heldout", HELD_OUT), ("tuning", TUNING)):
         chosen = subject_pairs(count, seed, subjects)
-        for contrast in ("t2", "flair"):
+        for contrast in ("t2", "flair", "pd"):
             name = f"{subset}_{contrast}"
             if name in datasets or f"{name}_1mm" in datasets:
                 rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast, f"{name}_1mm") for m, f in chosen]
