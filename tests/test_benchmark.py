@@ -52,7 +52,8 @@ def test_overrides_reach_the_bundles_only(monkeypatch, tmp_path):
     assert commands[1][at : at + 2] == ["--override", "lmi#num_bins=8"] and commands[1][-2:] == ["--device", "cuda"]
 
 
-def test_tuning_pairs_at_1mm_are_the_renderings_behind_the_2mm_tuning_set(monkeypatch, tmp_path):
+@pytest.mark.parametrize("contrast", ["flair", "pd"])
+def test_tuning_pairs_at_1mm_are_the_renderings_behind_the_2mm_tuning_set(monkeypatch, tmp_path, contrast):
     rendered = []
 
     def fake_rendered(data_dir, cache, moving, fixed, seed, contrast="t2", dataset="mm_1mm"):
@@ -64,12 +65,13 @@ def test_tuning_pairs_at_1mm_are_the_renderings_behind_the_2mm_tuning_set(monkey
 
     monkeypatch.setattr(run_benchmark, "rendered_pair", fake_rendered)
     monkeypatch.setattr(run_benchmark, "downsampled_pair", fake_downsampled)
-    pairs = run_benchmark.prepare_pairs(["tuning_flair", "tuning_flair_1mm"], 3, tmp_path, tmp_path, 7)
-    at_1mm = [p.name for p in pairs if p.dataset == "tuning_flair_1mm"]
-    at_2mm = [p.name for p in pairs if p.dataset == "tuning_flair"]
+    name = f"tuning_{contrast}"
+    pairs = run_benchmark.prepare_pairs([name, f"{name}_1mm"], 3, tmp_path, tmp_path, 7)
+    at_1mm = [p.name for p in pairs if p.dataset == f"{name}_1mm"]
+    at_2mm = [p.name for p in pairs if p.dataset == name]
     assert len(at_1mm) == 3 and at_1mm == at_2mm
     # each pair is rendered once, from the tuning maps only, with the requested fixed contrast
-    assert len(rendered) == 3 and all(c == "flair" and {m, f} <= set(run_benchmark.TUNING) for m, f, c in rendered)
+    assert len(rendered) == 3 and all(c == contrast and {m, f} <= set(run_benchmark.TUNING) for m, f, c in rendered)
 
 
 def test_scores_reward_the_aligned_result_and_tolerate_a_run_without_a_warped_image(tmp_path):
