@@ -81,5 +81,7 @@ class SelfSimilarityDescriptor(nn.Module):
         """``[B, 1, *S]`` -> ``[B, 12 * len(dilations), *S]``, unit norm at every voxel."""
         f = self.features(image)
         tokens = torch.cat([mind_ssc(f, self.radius, d) for d in self.dilations], dim=1)
-        return F.normalize(tokens, dim=1)
+        # a reciprocal square root of the summed squares: forward and backward about twice as fast on the CPU as
+        # F.normalize's channel norm; the tokens are positive, so the floor only guards the dtype
+        return tokens * torch.rsqrt(tokens.square().sum(dim=1, keepdim=True).clamp_min(1e-24))
 
