@@ -10,9 +10,10 @@ Datasets:
     heldout_t2   ordered pairs (up to all 12) of the four label maps that no trained model of the collection sees in
                  training (``HELD_OUT``), T1-like moving vs T2-like fixed, at 2 mm;
     heldout_flair, heldout_pd  the same pairs, T1-like moving vs FLAIR-like or PD-like fixed, at 2 mm;
-    tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training maps), at 2 mm:
-                 where hyperparameters are chosen, so that the held-out sets stay untouched;
-    tuning_t2_1mm, tuning_flair_1mm, tuning_pd_1mm  the same tuning pairs at 1 mm, for settings that matter at full resolution only.
+    tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training
+                 maps), at 2 mm: where hyperparameters are chosen, so that the held-out sets stay untouched;
+    tuning_t2_1mm, tuning_flair_1mm, tuning_pd_1mm  the same tuning pairs at 1 mm, for settings that matter at full
+                 resolution only.
 
 ``--override KEY=VALUE`` (repeatable, VALUE in JSON) changes a config key of the collection's bundles for the run,
 e.g. ``--override 'registration#iterations=[50, 150]'``; give each setting its own ``--output``.
@@ -69,19 +70,13 @@ from common.metrics import (  # noqa: E402
 )
 from common.synthesis import render_contrast  # noqa: E402
 
+# fixed-image contrasts of the held-out and tuning sets (the moving image is always T1-like)
+FIXED_CONTRASTS = ("t2", "flair", "pd")
 DATASETS = (
-    "t1_real",
-    "mm_1mm",
-    "mm_2mm",
-    "heldout_t2",
-    "heldout_flair",
-    "heldout_pd",
-    "tuning_t2",
-    "tuning_flair",
-    "tuning_pd",
-    "tuning_t2_1mm",
-    "tuning_flair_1mm",
-    "tuning_pd_1mm",
+    ("t1_real", "mm_1mm", "mm_2mm")
+    + tuple(f"heldout_{c}" for c in FIXED_CONTRASTS)
+    + tuple(f"tuning_{c}" for c in FIXED_CONTRASTS)
+    + tuple(f"tuning_{c}_1mm" for c in FIXED_CONTRASTS)
 )
 SUBJECTS = tuple(range(1, 17))
 # label maps kept out of every training config (their ``validation_maps``)
@@ -297,7 +292,7 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
         pairs += [downsampled_pair(pair, cache, seed) for pair in rendered] if "mm_2mm" in datasets else []
     for subset, subjects in (("heldout", HELD_OUT), ("tuning", TUNING)):
         chosen = subject_pairs(count, seed, subjects)
-        for contrast in ("t2", "flair", "pd"):
+        for contrast in FIXED_CONTRASTS:
             name = f"{subset}_{contrast}"
             if name in datasets or f"{name}_1mm" in datasets:
                 rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast, f"{name}_1mm") for m, f in chosen]
