@@ -133,6 +133,8 @@ def test_levels_and_iterations_must_match():
         _inferer(levels=(2, 1), iterations=(10, 10), warp_descriptor=(True,))
     with pytest.raises(ValueError, match="'factor' or 'mm'"):
         _inferer(levels=(2, 1), iterations=(10, 10), levels_unit="voxels")
+    with pytest.raises(ValueError, match="must not be negative"):
+        _inferer(levels=(2, 1), iterations=(10, -1))
 
 
 def test_levels_in_mm_put_each_stage_at_the_same_voxel_size_whatever_the_image():
@@ -171,6 +173,10 @@ def test_a_stage_repeating_the_one_before_is_skipped_so_a_1mm_schedule_costs_a_c
     assert coarse.stats["iterations"] == [2, 3, 0]
     two_stages = _inferer(levels=(2, 2), iterations=(2, 3), levels_unit="mm", warp_descriptor=(True, False))
     torch.testing.assert_close(skipped, two_stages(image, moving, NETWORK, spacing=(2.0,) * 3), rtol=0, atol=0)
+    # a stage given no iterations is skipped too, and does not make the next one a repeat
+    no_first = _inferer(levels=(2, 2), iterations=(0, 3), levels_unit="mm", warp_descriptor=(True, False))
+    no_first(image, moving, NETWORK, spacing=(2.0,) * 3)
+    assert no_first.stats["iterations"] == [0, 3]
 
 
 def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_whole_warped_image():
@@ -203,3 +209,26 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
     # and without sample_points, every voxel
     inferer.sample_points = None
     assert inferer._similarity(ddf, moving, whole, warp_descriptor=False).shape == (1, *shape)
+
+
+def test_warped_descriptor_at_random_voxels_equals_the_whole_warped_descriptor_there():
+    """With ``warp_descriptor`` and sampling, the moving descriptor (12 channels, stored channels-last as a stage
+    keeps it) sampled at random voxels through the displacement has the values of the whole warped descriptor."""
+    moving = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=2))[None, None].float()
+    shape = moving.shape[2:]
+    window = torch.zeros(1, 1, *shape)
+    window[..., 6:-6, 6:-6, 6:-6] = 1.0
+    ddf = smooth_field(shape, amplitude=3.0, seed=5) * window
+    source = MINDSSC(radius=1, dilation=2)(moving)
+    whole = warp(source, ddf)
+
+    class Gap(torch.nn.Module):
+        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return (pred - target).abs().amax(dim=1)
+
+    inferer = _inferer(similarity=Gap(), sample_points=5000)
+    assert inferer.is_sampled(shape, warp_descriptor=True)
+    torch.manual_seed(0)
+    gap = inferer._similarity(ddf, source.contiguous(memory_format=torch.channels_last_3d), whole, warp_descriptor=True)
+    assert gap.shape == (1, 5000) and gap.max() < 1e-4, gap.max()
+    assert inferer._similarity(torch.zeros_like(ddf), source, whole, warp_descriptor=True).mean() > 0.01

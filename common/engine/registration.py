@@ -78,7 +78,7 @@ class InstanceOptimizationInferer(Inferer):
             repeat the stage before it (the same grid and the same ``warp_descriptor``) is skipped: its iterations
             were set for detail the image does not have, so a schedule ending at 1 mm costs a 2 mm image no more
             than its stages down to 2 mm.
-        iterations: Adam steps at each stage.
+        iterations: Adam steps at each stage; a stage of 0 is skipped.
         learning_rate: Adam learning rate.
         similarity_weight: weight ``w_sim`` of the similarity, to put descriptors of another scale (unit-norm learned
             descriptors have per-channel differences far below MIND's) on the footing the regulariser weights assume.
@@ -139,6 +139,8 @@ class InstanceOptimizationInferer(Inferer):
         self.warp_descriptor = [bool(w) for w in warp_descriptor]
         self.levels, self.levels_unit = [float(f) for f in levels], levels_unit
         self.iterations = [int(n) for n in iterations]
+        if min(self.iterations) < 0:
+            raise ValueError(f"iterations {self.iterations} must not be negative.")
         self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
         self.weights = (similarity_weight, jacobian_weight, smoothness_weight, magnitude_weight)
         self.jacobian = JacobianBarrierLoss(jacobian_epsilon)
@@ -219,7 +221,8 @@ class InstanceOptimizationInferer(Inferer):
         ``patch_size**3`` consecutive points each."""
         patch = getattr(self.similarity, "patch_size", None)
         if patch is None:
-            index = torch.randint(0, math.prod(shape), (self.sample_points,), device=device)
+            # in memory order, so that neighbouring samples read neighbouring voxels
+            index = torch.randint(0, math.prod(shape), (self.sample_points,), device=device).sort().values
             return torch.stack([index // (shape[1] * shape[2]), (index // shape[2]) % shape[1], index % shape[2]], dim=1)
         count = max(1, self.sample_points // patch**3)
         return _block_points(_random_blocks(shape, (patch,) * 3, count, device), (patch,) * 3)
@@ -260,8 +263,13 @@ class InstanceOptimizationInferer(Inferer):
             zip(self.levels, self.iterations, self.warp_descriptor)
         ):
             level_shape = self.level_shape(shape, spacing, grid)
-            if (level_shape, warp_descriptor) == previous:
-                logger.info(f"stage {level + 1} repeats stage {level} on this image's grid: skipped")
+            skip = None
+            if num_iterations == 0:
+                skip = "no iterations"
+            elif (level_shape, warp_descriptor) == previous:
+                skip = f"repeats stage {level} on this image's grid"
+            if skip:
+                logger.info(f"stage {level + 1} {skip}: skipped")
                 self.stats["iterations"].append(0)
                 self.stats["stage_time_s"].append(0.0)
                 continue
@@ -270,6 +278,10 @@ class InstanceOptimizationInferer(Inferer):
             with torch.no_grad():
                 target = self._describe(fixed_l)
                 source = self._describe(moving_l) if warp_descriptor else moving_l
+                if warp_descriptor:
+                    # each sampled point reads all channels of 8 voxels: with the channels innermost they are
+                    # adjacent in memory (24 channels at 80x96x80 on the CPU: 4x faster forward and backward)
+                    source = source.contiguous(memory_format=torch.channels_last_3d)
             # on a loss of random voxels the lowest value marks a lucky draw, not a better transform (at 1 mm it came
             # from the 6th of 35 iterations), so such a stage keeps its last state
             best = None if self.is_sampled(level_shape, warp_descriptor) else BestState()
