@@ -37,6 +37,13 @@ def _inferer(**overrides) -> InstanceOptimizationInferer:
     return InstanceOptimizationInferer(**options)
 
 
+class MaxChannelGap(torch.nn.Module):
+    """A "similarity" returning the largest channel difference at each voxel, to compare descriptors value by value."""
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (pred - target).abs().amax(dim=1)
+
+
 def test_known_deformation_is_recovered_across_contrasts():
     labels = phantom_labels()
     truth = smooth_field(labels.shape, amplitude=5.0, seed=3)  # moving = fixed anatomy pulled by ``truth``
@@ -192,12 +199,10 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
     descriptor = MINDSSC(radius=1, dilation=2)
     whole = descriptor(warp(moving, ddf))
 
-    class Gap(torch.nn.Module):
-        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return (pred - target).abs().amax(dim=1)
-
     # 16 blocks of 8^3 voxels, grown by the reach of 3 to 14^3: 44 000 of the image's 49 000 voxels
-    inferer = _inferer(similarity=Gap(), descriptor=descriptor, warp_descriptor=False, sample_points=16 * 8**3, sample_block=8)
+    inferer = _inferer(
+        similarity=MaxChannelGap(), descriptor=descriptor, warp_descriptor=False, sample_points=16 * 8**3, sample_block=8
+    )
     torch.manual_seed(0)
     # the fixed descriptor is the whole warped image's, so any difference is the block computation's
     gap = inferer._similarity(ddf, moving, whole, warp_descriptor=False)
@@ -222,11 +227,7 @@ def test_warped_descriptor_at_random_voxels_equals_the_whole_warped_descriptor_t
     source = MINDSSC(radius=1, dilation=2)(moving)
     whole = warp(source, ddf)
 
-    class Gap(torch.nn.Module):
-        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return (pred - target).abs().amax(dim=1)
-
-    inferer = _inferer(similarity=Gap(), sample_points=5000)
+    inferer = _inferer(similarity=MaxChannelGap(), sample_points=5000)
     assert inferer.is_sampled(shape, warp_descriptor=True)
     torch.manual_seed(0)
     gap = inferer._similarity(ddf, source.contiguous(memory_format=torch.channels_last_3d), whole, warp_descriptor=True)
