@@ -44,6 +44,15 @@ class MaxChannelGap(torch.nn.Module):
         return (pred - target).abs().amax(dim=1)
 
 
+def _moving_and_inner_field() -> tuple[torch.Tensor, torch.Tensor]:
+    """A T1-like phantom ``[1, 1, *S]`` and a smooth displacement of up to 3 voxels that vanishes within 6 voxels of the
+    border, where padding conventions differ."""
+    moving = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=2))[None, None].float()
+    window = torch.zeros(1, 1, *moving.shape[2:])
+    window[..., 6:-6, 6:-6, 6:-6] = 1.0
+    return moving, smooth_field(moving.shape[2:], amplitude=3.0, seed=5) * window
+
+
 def test_known_deformation_is_recovered_across_contrasts():
     labels = phantom_labels()
     truth = smooth_field(labels.shape, amplitude=5.0, seed=3)  # moving = fixed anatomy pulled by ``truth``
@@ -190,12 +199,8 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
     """With ``warp_descriptor`` False and sampling, each random block's MIND comes from the warped moving image on the
     block grown by the descriptor's reach: the values the whole warped image's MIND has at those voxels, except where
     MIND's variance floor (relative to the mean over the block, not the image) applies, in nearly flat regions."""
-    labels = phantom_labels()
-    moving = torch.as_tensor(render_contrast(labels, "t1", seed=2))[None, None].float()
+    moving, ddf = _moving_and_inner_field()
     shape = moving.shape[2:]
-    window = torch.zeros(1, 1, *shape)
-    window[..., 6:-6, 6:-6, 6:-6] = 1.0  # a displacement that vanishes near the border, where padding differs
-    ddf = smooth_field(shape, amplitude=3.0, seed=5) * window
     descriptor = MINDSSC(radius=1, dilation=2)
     whole = descriptor(warp(moving, ddf))
 
@@ -219,11 +224,8 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
 def test_warped_descriptor_at_random_voxels_equals_the_whole_warped_descriptor_there():
     """With ``warp_descriptor`` and sampling, the moving descriptor (12 channels, stored channels-last as a stage
     keeps it) sampled at random voxels through the displacement has the values of the whole warped descriptor."""
-    moving = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=2))[None, None].float()
+    moving, ddf = _moving_and_inner_field()
     shape = moving.shape[2:]
-    window = torch.zeros(1, 1, *shape)
-    window[..., 6:-6, 6:-6, 6:-6] = 1.0
-    ddf = smooth_field(shape, amplitude=3.0, seed=5) * window
     source = MINDSSC(radius=1, dilation=2)(moving)
     whole = warp(source, ddf)
 
