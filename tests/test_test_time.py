@@ -66,6 +66,20 @@ def test_pair_loss_prefers_the_aligning_field_and_distils_from_a_teacher():
     assert student(aligning, fixed, moving, aligning) < student(torch.zeros_like(aligning), fixed, moving, aligning)
     with pytest.raises(ValueError, match="teacher"):
         student(aligning, fixed, moving)
+    # the label term (SynthMorph's supervision of synthetic pairs) is zero for the aligning field, whatever the values
+    anatomical = PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0, label_weight=1.0)
+    fixed_label = torch.as_tensor(labels)[None, None].long()
+    moving_label = torch.roll(fixed_label, 2, dims=2)
+    assert anatomical(aligning, fixed, moving, None, fixed_label, moving_label) < 1e-4
+    assert anatomical(torch.zeros_like(aligning), fixed, moving, None, fixed_label, moving_label) > 0.1
+    with pytest.raises(ValueError, match="label maps"):
+        anatomical(aligning, fixed, moving)
+    # the field term is the mean end-point error against a known displacement, in voxels
+    supervised = PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0, field_weight=1.0)
+    assert supervised(aligning, fixed, moving, target_ddf=aligning) < 1e-2
+    assert supervised(torch.zeros_like(aligning), fixed, moving, target_ddf=aligning) == pytest.approx(2.0, abs=1e-3)
+    with pytest.raises(ValueError, match="known displacement"):
+        supervised(aligning, fixed, moving)
     with pytest.raises(ValueError, match="non-zero"):
         PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from common.networks import DisplacementUNet
 from common.sample import sample_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,20 @@ def test_tto_kd_teacher_trains_resumes_and_distils_into_the_student(tmp_path):
     student = _tto_kd_network(student_dir / "models" / "student.pt", [16, 24, 24, 24, 24, 32, 32, 32])
     assert sum(p.numel() for p in student.parameters()) == 237_443
     assert len(_curve(student_dir)) == 1
+
+
+@pytest.mark.parametrize("norm", [None, "instance"])
+def test_an_untrained_teacher_predicts_near_identity_fields_that_depend_on_the_pair(norm):
+    """He-normal hidden layers keep the pair's signal through the dozen layers (PyTorch's default initialisation left the
+    input-dependent part of the field at 0.13 of its size: nearly one field for every pair); the output layer alone
+    carries no normalisation, so the field starts near zero, and instance norm adds no parameter."""
+    torch.manual_seed(0)
+    net = DisplacementUNet([16, 32, 32, 32, 32, 64, 64, 64], norm=norm)
+    assert sum(p.numel() for p in net.parameters()) == 610_819
+    with torch.no_grad():
+        a, b = (net(torch.rand(1, 2, 32, 32, 32)) for _ in range(2))
+    assert a.abs().max() < 1e-3  # voxels: the identity, near enough
+    assert (a - b).std() > 0.5 * a.std()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -8,7 +8,7 @@ from .mutual_information import (
     parzen_weights,
     patch_groups,
 )
-from .pair import PairRegistrationLoss
+from .pair import PairRegistrationLoss, joint_one_hot
 from .regularizers import DisplacementDivergenceLoss, DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "VelocityMagnitudeLoss",
     "VoxelInfoNCELoss",
     "grouped_mutual_information",
+    "joint_one_hot",
     "mind_ssc",
     "parzen_weights",
     "patch_groups",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from monai.networks.blocks import Convolution
 from monai.networks.nets import VoxelMorphUNet
 
 __all__ = ["DisplacementUNet"]
@@ -15,12 +16,20 @@ class DisplacementUNet(VoxelMorphUNet):
     (voxels), LeakyReLU throughout, whose output convolution starts near zero (weights N(0, ``output_std``), bias 0, as
     VoxelMorph initialises its flow layer) so that an untrained network predicts almost the identity.
 
+    Every other convolution starts from He-normal weights for the LeakyReLU slope and zero biases (VoxelMorph's
+    ``he_normal``). PyTorch's default initialisation keeps a third of that variance per layer, so through the dozen
+    layers of this plain U-Net the input-dependent part of the last features shrinks about a hundredfold below the
+    biases': an untrained network then predicts nearly the same field for every pair, and the layers that would
+    compute pair-specific fields receive gradients below Adam's epsilon.
+
     Args:
         channels: per level, the down and up channels, in MONAI's pairs (e.g. ``(16, 32, 32, 32, 32, 64, 64, 64)``).
         unet_out_channels: channels at the U-Net's full-resolution output.
         final_conv_channels: the full-resolution convolutions before the 3-channel output.
         negative_slope: LeakyReLU slope.
         output_std: standard deviation of the output convolution's initial weights.
+        norm: MONAI's normalisation of every convolution but the output one (e.g. ``"instance"``, which has no
+            parameters, so the state dict stays VoxelMorph's); None for none, as in VoxelMorph.
     """
 
     def __init__(
@@ -30,6 +39,7 @@ class DisplacementUNet(VoxelMorphUNet):
         final_conv_channels: Sequence[int] = (16, 16, 16),
         negative_slope: float = 0.2,
         output_std: float = 1e-5,
+        norm: str | tuple | None = None,
     ) -> None:
         act = ("leakyrelu", {"negative_slope": negative_slope})
         super().__init__(
@@ -40,7 +50,14 @@ class DisplacementUNet(VoxelMorphUNet):
             final_conv_channels=final_conv_channels,
             act=act,
             final_conv_act=act,
+            norm=norm,
         )
-        output = self.net[-1].final_conv_out.conv
+        final = self.net[-1]
+        final.final_conv_out = Convolution(3, final.final_conv_out.conv.in_channels, 3, conv_only=True)
+        output = final.final_conv_out.conv
+        for module in self.modules():
+            if isinstance(module, torch.nn.Conv3d) and module is not output:
+                torch.nn.init.kaiming_normal_(module.weight, a=negative_slope, nonlinearity="leaky_relu")
+                torch.nn.init.zeros_(module.bias)
         torch.nn.init.normal_(output.weight, std=output_std)
         torch.nn.init.zeros_(output.bias)

@@ -29,10 +29,14 @@ def _pair(engine: Engine, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tens
 class PairRegistrationIteration:
     """One training step of a network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]`` (voxels).
 
-    The loss is ``engine.loss_function(ddf, fixed, moving, teacher_ddf)`` (:class:`common.losses.PairRegistrationLoss`);
-    with a ``teacher`` (a trained network, frozen by :func:`common.networks.frozen` and on the training device) its
-    displacement for the same pair is passed on for distillation, else None.
+    The loss is ``engine.loss_function(ddf, fixed, moving, teacher_ddf, **known)``
+    (:class:`common.losses.PairRegistrationLoss`); with a ``teacher`` (a trained network, frozen by
+    :func:`common.networks.frozen` and on the training device) its displacement for the same pair is passed on for
+    distillation, else None; ``known`` holds what the batch knows of the pair among :attr:`known_keys` (the label maps
+    of a synthetic pair, the displacement it was made with).
     """
+
+    known_keys = ("fixed_label", "moving_label", "target_ddf")
 
     def __init__(self, teacher: nn.Module | None = None) -> None:
         self.teacher = teacher
@@ -45,7 +49,8 @@ class PairRegistrationIteration:
                 teacher_ddf = self.teacher(pair)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        loss = engine.loss_function(engine.network(pair), fixed, moving, teacher_ddf)
+        known = {k: batch[k].to(fixed.device) for k in self.known_keys if k in batch}
+        loss = engine.loss_function(engine.network(pair), fixed, moving, teacher_ddf, **known)
         loss.backward()
         engine.optimizer.step()
         terms = getattr(engine.loss_function, "terms", {})
