@@ -145,6 +145,22 @@ def test_an_untrained_teacher_predicts_near_identity_fields_that_depend_on_the_p
     assert (a - b).std() > 0.5 * a.std()
 
 
+def test_the_edge_view_gives_one_field_whatever_the_contrast_of_either_image():
+    """With ``edge_sigma`` the network sees each image's normalised gradient magnitude: an inverted and rescaled
+    contrast of the moving image, and a brighter fixed one, give the same field; the raw view does not."""
+    torch.manual_seed(0)
+    pair = torch.rand(1, 2, 24, 24, 24)
+    recontrasted = torch.stack([0.7 * (1.0 - pair[:, 0]), 3.0 * pair[:, 1]], dim=1)
+    for edge_sigma, same in ((1.0, True), (0.0, False)):
+        net = DisplacementUNet([8, 8, 8, 8], unet_out_channels=8, final_conv_channels=(8,), output_std=1.0,
+                               norm="instance", edge_sigma=edge_sigma)
+        with torch.no_grad():
+            field, other = net(pair), net(recontrasted)
+        assert bool((field - other).abs().max() < 1e-3 * field.abs().max()) == same
+    with pytest.raises(ValueError, match="edge_sigma"):
+        DisplacementUNet([8, 8, 8, 8], edge_sigma=-1.0)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_tto_kd_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
     config = json.dumps([str(TTO_KD / "train.json"), str(TTO_KD / "multi_gpu_train.json")])

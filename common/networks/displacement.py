@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
+from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.networks.nets import VoxelMorphUNet
 
 __all__ = ["DisplacementUNet"]
@@ -30,6 +31,9 @@ class DisplacementUNet(VoxelMorphUNet):
         output_std: standard deviation of the output convolution's initial weights.
         norm: MONAI's normalisation of every convolution but the output one (e.g. ``"instance"``, which has no
             parameters, so the state dict stays VoxelMorph's); None for none, as in VoxelMorph.
+        edge_sigma: if > 0, each input image is replaced by its gradient magnitude after a Gaussian of this standard
+            deviation (voxels), divided by its mean: a contrast-agnostic view of the pair (tissue boundaries are where
+            they are, whatever the tissues' intensities), parameter-free. 0 feeds the images as they are.
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class DisplacementUNet(VoxelMorphUNet):
         negative_slope: float = 0.2,
         output_std: float = 1e-5,
         norm: str | tuple | None = None,
+        edge_sigma: float = 0.0,
     ) -> None:
         act = ("leakyrelu", {"negative_slope": negative_slope})
         super().__init__(
@@ -61,3 +66,15 @@ class DisplacementUNet(VoxelMorphUNet):
                 torch.nn.init.zeros_(module.bias)
         torch.nn.init.normal_(output.weight, std=output_std)
         torch.nn.init.zeros_(output.bias)
+        if edge_sigma < 0:
+            raise ValueError(f"edge_sigma must be >= 0, got {edge_sigma}.")
+        # a buffer, not a parameter nor a state-dict entry: the weights stay loadable whatever the input view
+        self.register_buffer("edge_kernel", gaussian_1d(torch.tensor(edge_sigma)) if edge_sigma > 0 else None, False)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """Displacement ``[B, 3, X, Y, Z]`` (voxels) of a pair ``[B, 2, X, Y, Z]`` (moving, fixed)."""
+        if self.edge_kernel is not None:
+            smoothed = separable_filtering(pair, [self.edge_kernel.to(pair)] * 3, mode="replicate")
+            magnitude = torch.stack(torch.gradient(smoothed, dim=(2, 3, 4))).pow(2).sum(0).sqrt()
+            pair = magnitude / (magnitude.mean(dim=(2, 3, 4), keepdim=True) + 1e-6)
+        return super().forward(pair)
