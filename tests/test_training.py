@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 
 from common.networks import DisplacementUNet
 from common.sample import sample_pair
+from common.spatial.fields import warp
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "node_contrastive" / "configs"
@@ -159,6 +160,24 @@ def test_the_edge_view_gives_one_field_whatever_the_contrast_of_either_image():
         assert bool((field - other).abs().max() < 1e-3 * field.abs().max()) == same
     with pytest.raises(ValueError, match="edge_sigma"):
         DisplacementUNet([8, 8, 8, 8], edge_sigma=-1.0)
+
+
+def test_known_field_pairs_carry_the_displacement_that_aligns_them(tmp_path):
+    """``configs/known_fields.json``: one label map rendered twice, the fixed copy deformed once more; warping the
+    moving labels by the stored ``target_ddf`` gives the fixed labels, and the loss is its end-point error."""
+    parser = ConfigParser()
+    parser.read_config([str(TTO_KD / "train.json"), str(TTO_KD / "known_fields.json")])
+    for key, value in {**_tto_kd_values(tmp_path, 1), "device": "$torch.device('cpu')"}.items():
+        parser[key] = value
+    parser["train#dataset#cache_rate"] = 0.0
+    item = parser.get_parsed_content("train#dataset")[0]
+    target = item["target_ddf"][None]
+    assert 0.5 < target.norm(dim=1).mean() < 5.0  # voxels: a deformation worth learning
+    warped = warp(item["moving_label"][None].float(), target, mode="nearest")[0]
+    brain = item["fixed_label"] > 0
+    assert (warped == item["fixed_label"])[brain].float().mean() > 0.999
+    assert (item["moving_label"] == item["fixed_label"])[brain].float().mean() < 0.9
+    assert set(parser.get_parsed_content("loss").weights.items()) >= {("field", 1.0), ("mi", 0.0)}
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -33,12 +33,13 @@ class PairRegistrationLoss(nn.Module):
     """``w_mi MI(f, m∘u) + w_ncc NCC(f, m∘u) + w_s |∇u|² + w_div (∇·u)² + w_kd MI(m∘u_T, m∘u) + w_lab Dice(l_f, l_m∘u)
     + w_field |u - u*|``.
 
-    The objectives of TTO-KD in one module: the teacher's training (MI and smoothness, with the overlap of the synthetic
-    pair's label maps as SynthMorph trains, or the end-point error against a known field ``u*``), the student's distillation (``distillation_weight`` > 0 with the teacher's
-    displacement ``u_T``) and test-time optimisation (MI, NCC, smoothness, divergence). MI is
-    :class:`MultiAxisMutualInformationLoss`, NCC is global, the label term is one minus the soft Dice of the one-hot
-    moving labels warped (trilinearly) by ``u`` and the fixed labels, over the foreground labels of either map. Terms
-    weighted 0 are not computed. The last values of the terms are kept in :attr:`terms` for logging.
+    The objectives of TTO-KD in one module: the teacher's training (MI and smoothness; on synthetic pairs also the
+    overlap of their label maps, as SynthMorph trains, or the end-point error against the known field ``u*``), the
+    student's distillation (``distillation_weight`` > 0 with the teacher's displacement ``u_T``) and test-time
+    optimisation (MI, NCC, smoothness, divergence). MI is :class:`MultiAxisMutualInformationLoss`, NCC is global, the
+    label term is one minus the soft Dice of the one-hot moving labels warped (trilinearly) by ``u`` and the fixed
+    labels, over the foreground labels of either map. Terms weighted 0 are not computed. The last values of the terms
+    are kept in :attr:`terms` for logging.
 
     Args:
         mi_weight, ncc_weight: weights of the two similarities of fixed and warped moving.
@@ -65,8 +66,6 @@ class PairRegistrationLoss(nn.Module):
         image_sigma: float = 0.0,
     ) -> None:
         super().__init__()
-        if not any((mi_weight, ncc_weight, smoothness_weight, divergence_weight, distillation_weight, label_weight, field_weight)):
-            raise ValueError("at least one weight of the pair loss must be non-zero.")
         self.weights = {
             "mi": mi_weight,
             "ncc": ncc_weight,
@@ -76,6 +75,8 @@ class PairRegistrationLoss(nn.Module):
             "label": label_weight,
             "field": field_weight,
         }
+        if not any(self.weights.values()):
+            raise ValueError("at least one weight of the pair loss must be non-zero.")
         self.mi = MultiAxisMutualInformationLoss(num_bins=num_bins)
         self.ncc = GlobalNormalizedCrossCorrelationLoss()
         self.smoothness = DisplacementSmoothnessLoss()

@@ -21,7 +21,7 @@ class DisplacementUNet(VoxelMorphUNet):
     ``he_normal``). PyTorch's default initialisation keeps a third of that variance per layer, so through the dozen
     layers of this plain U-Net the input-dependent part of the last features shrinks about a hundredfold below the
     biases': an untrained network then predicts nearly the same field for every pair, and the layers that would
-    compute pair-specific fields receive gradients below Adam's epsilon.
+    compute pair-specific fields receive gradients a hundred times smaller, mostly below Adam's epsilon.
 
     Args:
         channels: per level, the down and up channels, in MONAI's pairs (e.g. ``(16, 32, 32, 32, 32, 64, 64, 64)``).
@@ -32,8 +32,9 @@ class DisplacementUNet(VoxelMorphUNet):
         norm: MONAI's normalisation of every convolution but the output one (e.g. ``"instance"``, which has no
             parameters, so the state dict stays VoxelMorph's); None for none, as in VoxelMorph.
         edge_sigma: if > 0, each input image is replaced by its gradient magnitude after a Gaussian of this standard
-            deviation (voxels), divided by its mean: a contrast-agnostic view of the pair (tissue boundaries are where
-            they are, whatever the tissues' intensities), parameter-free. 0 feeds the images as they are.
+            deviation (voxels), divided by its mean over the volume: a contrast-agnostic view of the pair (tissue
+            boundaries lie where they lie, whatever the tissues' intensities; an inverted or rescaled contrast gives
+            the same view), parameter-free. 0 feeds the images as they are.
     """
 
     def __init__(
