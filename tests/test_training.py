@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from common.networks import DisplacementUNet
+from common.training import BestWeights
 from common.sample import sample_pair
 from common.spatial.fields import warp
 
@@ -84,6 +86,29 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
     assert len(_curve(tmp_path)) == 1  # written once, by rank 0
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["descriptor.pt"]
     _trained_network(tmp_path)  # plain (unwrapped) state dict, loadable without DistributedDataParallel
+
+
+def _validate(handler: BestWeights, score: float) -> None:
+    """One evaluator run that scores ``score``, with ``handler`` attached as a validation handler."""
+    evaluator = Engine(lambda engine, batch: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: engine.state.metrics.update(val_dice=score))
+    handler.attach(evaluator)
+    evaluator.run([0], max_epochs=1)
+
+
+def test_best_weights_survive_a_resumed_run(tmp_path):
+    """The best score is part of the training checkpoint: after a restart, a worse validation leaves the best file."""
+    network, path = torch.nn.Linear(2, 1), tmp_path / "models" / "teacher.pt"
+    best = BestWeights(network, path)
+    _validate(best, 0.5)
+    saved = {k: v.clone() for k, v in network.state_dict().items()}
+    resumed = BestWeights(network, path)
+    resumed.load_state_dict(best.state_dict())  # what CheckpointLoader does with the run's checkpoint
+    torch.nn.init.zeros_(network.weight)
+    _validate(resumed, 0.4)
+    assert all(torch.equal(v, saved[k]) for k, v in torch.load(path, weights_only=True).items())
+    _validate(resumed, 0.6)
+    assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.zeros(1, 2))
 
 
 def _tto_kd_values(output: Path, epochs: int, **extra: object) -> dict:

@@ -1,4 +1,4 @@
-from .checkpoints import latest_checkpoint
+from .checkpoints import BestWeights, latest_checkpoint
 from .contrastive import (
     ContrastiveIteration,
     RandContrastViewsd,
@@ -11,6 +11,7 @@ from .curves import TrainingCurve
 from .registration import PairDiceIteration, PairRegistrationIteration, ordered_pairs
 
 __all__ = [
+    "BestWeights",
     "ContrastiveIteration",
     "PairDiceIteration",
     "PairRegistrationIteration",
