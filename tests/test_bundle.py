@@ -16,7 +16,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from common.io import RegistrationInputError
-from common.workflow.evaluator import input_error_cause
+from common.workflow import input_error_cause
 from common.synthesis import render_contrast
 
 from .conftest import invert_field, phantom_labels, smooth_field
@@ -197,3 +197,97 @@ def test_tto_kd_without_trained_weights_says_how_to_get_them(pair, tmp_path):
         workflow.run()
     cause = input_error_cause(error.value)
     assert cause is not None and "student.pt" in str(cause) and "training config" in str(cause)
+
+
+TINY = {"registration#iterations": [2], "save_qc": False, "device": "cpu"}
+
+
+def _run(**overrides) -> None:
+    workflow = _workflow(**{**TINY, **overrides})
+    workflow.initialize()
+    workflow.run()
+
+
+def test_a_rerun_leaves_one_consistent_set_and_no_debris(pair, tmp_path):
+    """A second run into the same folder (here without labels) replaces the first run's set: no stale
+    warped_label.nii.gz, metrics.json lists exactly the files there, and a killed run's staging folder is gone."""
+    out = tmp_path / "out"
+    _run(output_dir=str(out), **pair)
+    assert (out / "warped_label.nii.gz").is_file()
+    (out / ".partial-deadbeef").mkdir()
+    (out / ".ddf.tmp-12345678.nii.gz").write_bytes(b"half a file")
+    _run(output_dir=str(out), fixed=pair["fixed"], moving=pair["moving"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(json.loads((out / "metrics.json").read_text())["outputs"])
+    assert "warped_label.nii.gz" not in names and not [n for n in names if n.startswith(".")]
+
+
+def test_outputs_never_overwrite_an_input(pair, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    moving = out / "warped.nii.gz"  # e.g. registering a previous run's result again, into the same folder
+    moving.write_bytes(Path(pair["moving"]).read_bytes())
+    with pytest.raises(RuntimeError) as failure:
+        _run(output_dir=str(out), fixed=pair["fixed"], moving=str(moving))
+    assert "would overwrite" in str(input_error_cause(failure.value))
+    assert moving.read_bytes() == Path(pair["moving"]).read_bytes() and sorted(p.name for p in out.iterdir()) == ["warped.nii.gz"]
+
+
+def test_a_datalist_id_cannot_escape_the_output_folder(pair, tmp_path):
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"pairs": [{"fixed": pair["fixed"], "moving": pair["moving"], "id": "../escaped"}]}))
+    with pytest.raises(RuntimeError) as failure:
+        _run(datalist=str(datalist), output_dir=str(tmp_path / "out"))
+    assert "plain folder name" in str(input_error_cause(failure.value))
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_an_unwritable_output_folder_is_a_clear_error(pair, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(RuntimeError) as failure:
+        _run(output_dir=str(not_a_folder), fixed=pair["fixed"], moving=pair["moving"])
+    cause = input_error_cause(failure.value)
+    assert cause is not None and "cannot write the outputs" in str(cause)
+
+
+@pytest.mark.parametrize("device, message", [("nonsense", "not a device"), ("cuda:7", "CUDA")])
+def test_cli_reports_a_bad_device_in_one_line(device, message, pair, tmp_path):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that CUDA device")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--fixed", pair["fixed"],
+           "--moving", pair["moving"], "--output_dir", str(tmp_path / "out"), "--device", device]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0 and f"error: --device {device}" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_switches_switch(pair, tmp_path):
+    """`--save_qc false` as typed on a command line (text, not a Python False) turns the QC picture off."""
+    out = tmp_path / "out"
+    result = _cli("--fixed", pair["fixed"], "--moving", pair["moving"], "--output_dir", str(out), "--save_qc", "false",
+                  "--progress", "no", "--registration#levels", "[1]", "--registration#iterations", "[2]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "metrics.json").is_file() and not (out / "qc.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--save_q", "false"], "no such setting"),  # MONAI itself refuses a mistyped nested key (a#b)
+        (["--save_qc", "maybe"], "a switch is true or false"),
+        (["--registration#learning_rate", "fast"], "a number is expected"),
+        (["--registration#iterations", "many"], "a list is expected"),
+    ],
+)
+def test_cli_rejects_unknown_or_mistyped_settings_before_running(args, message, tmp_path):
+    result = _cli(*args, "--output_dir", str(tmp_path / "out"))
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    if args[0] == "--save_q":
+        assert "did you mean --save_qc" in result.stderr

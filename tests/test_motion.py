@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from monai.bundle import ConfigWorkflow
 
 from common.spatial import warp
-from common.workflow.evaluator import input_error_cause
+from common.workflow import input_error_cause
 
 from .conftest import invert_field, smooth_field
 

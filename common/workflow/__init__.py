@@ -1,7 +1,31 @@
 """Glue between a bundle's config and the registration code: the pairs to register, the loop over them, outputs."""
 
-from .evaluator import RegistrationEvaluator
+from .device import resolve_device
+from .cli import check_command_line, input_error_cause, switch
+from .evaluator import RegistrationEvaluator, RegistrationOutputError
+from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
 from .pairs import LoadRegistrationPaird, build_pairs, bundle_root
+from .postprocessing import JacobianDeterminantd, RegistrationMetricsd, WarpMovingd
 
-__all__ = ["LoadRegistrationPaird", "MotionCorrector", "RegistrationEvaluator", "build_pairs", "bundle_root", "region_mask"]
+__all__ = [
+    "ImageWriter",
+    "JacobianDeterminantd",
+    "LoadRegistrationPaird",
+    "MetricsWriter",
+    "MotionCorrector",
+    "PairOutputHandler",
+    "PairSummary",
+    "QCFigureWriter",
+    "RegistrationEvaluator",
+    "RegistrationMetricsd",
+    "RegistrationOutputError",
+    "WarpMovingd",
+    "build_pairs",
+    "check_command_line",
+    "bundle_root",
+    "input_error_cause",
+    "region_mask",
+    "resolve_device",
+    "switch",
+]

@@ -21,7 +21,7 @@ from common.io.writers import atomic_write
 from common.metrics import nonpositive_jacobian_percent
 from common.spatial import jacobian_determinant, warp
 
-from .evaluator import resolve_device
+from .device import resolve_device
 
 __all__ = ["MotionCorrector", "region_mask"]
 

@@ -46,6 +46,11 @@ def _datalist_pairs(datalist: str) -> list[dict[str, Any]]:
             raise RegistrationInputError(f"datalist '{datalist}': pair {i} needs \"fixed\" and \"moving\" paths")
         pair = {k: str((path.parent / entry[k]).resolve()) for k in PATH_KEYS if entry.get(k)}
         pair["id"] = str(entry.get("id") or f"{i:03d}_{Path(entry['moving']).name.split('.')[0]}")
+        if pair["id"] in (".", "..") or Path(pair["id"]).name != pair["id"] or "\\" in pair["id"]:
+            raise RegistrationInputError(
+                f"datalist '{datalist}': pair id '{pair['id']}' must be a plain folder name (it names the pair's "
+                "output folder inside --output_dir)"
+            )
         _check_companions(pair, f"datalist '{datalist}', pair {pair['id']}: ")
         pairs.append(pair)
     if len({p["id"] for p in pairs}) != len(pairs):

@@ -1,0 +1,113 @@
+"""Postprocessing of a registered pair: dictionary transforms on the evaluator's per-pair output.
+
+The output holds ``fixed`` ``[1, X, Y, Z]`` and ``moving`` ``[1, U, V, W]`` (each on its own grid, on the
+registration device), their 4x4 RAS affines ``fixed_affine`` and ``moving_affine`` (float64), ``ddf``
+``[1, 3, X, Y, Z]`` (pull-back displacement in fixed-grid voxels), ``spacing`` (fixed voxel size, mm) and, when
+given, ``fixed_label``/``moving_label`` (int, on their image's grid) and ``fixed_landmarks``/``moving_landmarks``
+(``[N, 3]`` RAS mm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import ensure_tuple_rep
+
+from common.io import resample_to_grid
+from common.metrics import dice_per_label, hd95_per_label, mean_dict, ndv_percent, nonpositive_jacobian_percent, tre
+from common.spatial import jacobian_determinant
+
+__all__ = ["JacobianDeterminantd", "RegistrationMetricsd", "WarpMovingd"]
+
+
+class WarpMovingd(MapTransform):
+    """Resample moving-grid images onto the fixed grid through ``ddf``, once, as ITK's ``WarpImageFilter`` does.
+
+    Args:
+        keys: moving-grid entries to warp (missing ones are skipped).
+        output_keys: where each warped ``[1, X, Y, Z]`` goes.
+        mode: ``"bilinear"`` or ``"nearest"``, one or one per key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("moving", "moving_label"),
+        output_keys: KeysCollection = ("warped", "warped_label"),
+        mode: Sequence[str] | str = ("bilinear", "nearest"),
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.output_keys = ensure_tuple_rep(output_keys, len(self.keys))
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        shape = d["fixed"].shape[1:]
+        for key, out, mode in self.key_iterator(d, self.output_keys, self.mode):
+            with torch.no_grad():
+                d[out] = resample_to_grid(d[key], d["moving_affine"], d["fixed_affine"], shape, d["ddf"][0], mode)
+        return d
+
+
+class JacobianDeterminantd(MapTransform):
+    """The determinant of the Jacobian of ``x -> x + ddf(x)``, ``[X, Y, Z]``, stored under ``output_key``."""
+
+    def __init__(self, keys: KeysCollection = "ddf", output_key: str = "jacobian") -> None:
+        super().__init__(keys)
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            with torch.no_grad():
+                d[self.output_key] = jacobian_determinant(d[key])[0, 0]
+        return d
+
+
+def _overlap(pred: torch.Tensor, ref: torch.Tensor, spacing: Sequence[float]) -> tuple[dict, dict]:
+    dice = dice_per_label(pred, ref)
+    hd95 = hd95_per_label(pred, ref, spacing, labels=list(dice))
+    return {"mean": mean_dict(dice), "per_label": dice}, {"mean": mean_dict(hd95), "per_label": hd95}
+
+
+class RegistrationMetricsd(MapTransform):
+    """The contract's measures of one pair under ``metrics``: folding of ``jacobian``; Dice and HD95 (mm) of the
+    label maps before (moving labels resampled onto the fixed grid without the field) and after registration
+    (``warped_label``); target registration error (mm) of the landmarks before and after.
+
+    ``metrics`` gets ``nonpositive_jacobian_percent``, ``ndv_percent``, ``jacobian_min`` and, when the inputs are
+    there, ``dice`` and ``hd95_mm`` (``{"before"|"after": {"mean", "per_label"}}``) and ``tre_mm``
+    (``{"before"|"after": {"mean", "per_point"}}``).
+    """
+
+    def __init__(self, keys: KeysCollection = "metrics") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        det, ddf = d["jacobian"], d["ddf"][0]
+        metrics: dict[str, Any] = {
+            "nonpositive_jacobian_percent": nonpositive_jacobian_percent(det),
+            "ndv_percent": ndv_percent(ddf),
+            "jacobian_min": float(det.min()),
+        }
+        if "warped_label" in d and "fixed_label" in d:
+            fixed_label = d["fixed_label"][0].cpu()
+            shape = fixed_label.shape
+            before = resample_to_grid(d["moving_label"], d["moving_affine"], d["fixed_affine"], shape, mode="nearest")
+            scores = {
+                "before": _overlap(before[0].cpu(), fixed_label, d["spacing"]),
+                "after": _overlap(d["warped_label"][0].cpu(), fixed_label, d["spacing"]),
+            }
+            metrics["dice"] = {k: v[0] for k, v in scores.items()}
+            metrics["hd95_mm"] = {k: v[1] for k, v in scores.items()}
+        if "fixed_landmarks" in d:
+            fixed_pts, moving_pts, affine = d["fixed_landmarks"], d["moving_landmarks"], d["fixed_affine"]
+            errors = {"before": tre(fixed_pts, moving_pts, torch.zeros_like(ddf), affine), "after": tre(fixed_pts, moving_pts, ddf, affine)}
+            metrics["tre_mm"] = {k: {"mean": float(v.mean()), "per_point": v.tolist()} for k, v in errors.items()}
+        for key in self.keys:
+            d[key] = {**d.get(key, {}), **metrics}
+        return d
