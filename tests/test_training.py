@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from common.networks import DisplacementUNet
-from common.training import BestWeights
+from common.training import BestWeights, TrainingCheckpoint, latest_checkpoint
 from common.sample import sample_pair
 from common.spatial.fields import warp
 
@@ -109,6 +109,35 @@ def test_best_weights_survive_a_resumed_run(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in torch.load(path, weights_only=True).items())
     _validate(resumed, 0.6)
     assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.zeros(1, 2))
+
+
+def _checkpoint_at(iteration: int, network: torch.nn.Module, folder: Path) -> TrainingCheckpoint:
+    trainer = Engine(lambda e, b: None)
+    trainer.state.iteration = iteration
+    return TrainingCheckpoint(folder, {"network": network, "trainer": trainer})
+
+
+def test_resume_takes_the_furthest_checkpoint_and_survives_a_kill_while_saving(tmp_path, monkeypatch):
+    """Resuming picks the checkpoint that reached the furthest iteration, whatever the file times, and skips a
+    truncated file; a save interrupted half-way leaves the previous checkpoint whole."""
+    network = torch.nn.Linear(2, 1)
+    _checkpoint_at(300, network, tmp_path)(None)
+    (tmp_path / "checkpoint_shipped.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes())
+    _checkpoint_at(100, network, tmp_path / "old")(None)
+    (tmp_path / "old" / "checkpoint.pt").replace(tmp_path / "checkpoint_zz_copied_later.pt")  # newest file, oldest state
+    (tmp_path / "checkpoint_truncated.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:1000])
+    assert Path(latest_checkpoint(tmp_path)).name in {"checkpoint.pt", "checkpoint_shipped.pt"}
+
+    def killed(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _checkpoint_at(400, network, tmp_path)(None)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 300 and not list(tmp_path.glob(".*tmp*"))
 
 
 def _tto_kd_values(output: Path, epochs: int, **extra: object) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import PathLike
@@ -24,6 +25,7 @@ _NIBABEL_SUFFIXES = (".nii", ".nii.gz")
 _, has_itk = optional_import("itk")
 _GRID_ATOL = 1e-3
 _GB = 1e9
+_INT32_RANGE = (-(2**31), 2**31 - 1)
 
 
 @lru_cache(maxsize=1)
@@ -51,6 +53,8 @@ def _load_file(path: PathLike, role: str) -> MetaTensor:
     except Exception as e:
         detail = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise input_error(role, path, f"cannot be read as an image ({type(e).__name__}: {detail[:200]})") from e
+    if nifti:  # MONAI's reader replaces a singular header matrix: check the one in the file
+        _check_geometry(torch.as_tensor(nib.load(file).affine), role, path)
     return img
 
 
@@ -66,7 +70,22 @@ def _read(path: PathLike, role: str) -> MetaTensor:
     spatial = tuple(data.shape[1:])
     if len(spatial) != 3 or min(spatial) < 2:
         raise input_error(role, path, f"is not a 3D image (spatial shape {spatial})")
+    if data.is_complex():
+        raise input_error(role, path, "holds complex values; give the magnitude (or one part) as a real image")
+    _check_geometry(img.affine, role, path)
     return MetaTensor(data, meta=img.meta)
+
+
+def _check_geometry(affine: torch.Tensor, role: str, path: PathLike) -> None:
+    """The header's voxel-to-world matrix must be usable as it is: finite and invertible (never replaced by a guess)."""
+    matrix = affine.to(torch.float64)[:3, :3]
+    if not bool(torch.isfinite(affine).all()) or abs(float(torch.linalg.det(matrix))) < 1e-12:
+        raise input_error(
+            role,
+            path,
+            f"header geometry is unusable (voxel-to-world matrix {_format_affine(affine)} is not finite or not "
+            "invertible); fix the header (e.g. with nibabel or 3D Slicer) instead of letting a tool guess it",
+        )
 
 
 def load_series(path: PathLike, role: str = "series") -> MetaTensor:
@@ -132,6 +151,9 @@ def load_label(path: PathLike, reference: MetaTensor, role: str = "label") -> Me
         fractional = int((label != label.round()).sum())
         if fractional:
             raise input_error(role, path, f"has {fractional} non-integer values; a label map holds integers")
+    low, high = float(label.min()), float(label.max())
+    if low < _INT32_RANGE[0] or high > _INT32_RANGE[1]:
+        raise input_error(role, path, f"has labels from {low:.0f} to {high:.0f}, beyond the 32-bit integers written out")
     ref_name = reference.meta.get("filename_or_obj", "reference image")
     same_shape = label.shape[1:] == reference.shape[1:]
     if not same_shape or not torch.allclose(label.affine, reference.affine.to(label.affine), atol=_GRID_ATOL):

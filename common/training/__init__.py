@@ -1,4 +1,4 @@
-from .checkpoints import BestWeights, latest_checkpoint
+from .checkpoints import BestWeights, TrainingCheckpoint, latest_checkpoint
 from .contrastive import (
     ContrastiveIteration,
     RandContrastViewsd,
@@ -18,6 +18,7 @@ __all__ = [
     "RandContrastViewsd",
     "RandShiftedViewsd",
     "RetrievalIteration",
+    "TrainingCheckpoint",
     "TrainingCurve",
     "corresponding_parts",
     "latest_checkpoint",

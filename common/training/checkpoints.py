@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -12,13 +13,53 @@ from monai.config import PathLike
 
 from common.io.writers import atomic_write
 
-__all__ = ["BestWeights", "latest_checkpoint"]
+__all__ = ["BestWeights", "TrainingCheckpoint", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def _trainer_iteration(path: Path) -> int | None:
+    """The trainer iteration stored in a training checkpoint, or None for a file that is not one (or truncated)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return int(state["trainer"]["iteration"])
+    except Exception as e:  # a truncated or foreign file must not stop a resume from the others
+        logger.warning(f"ignoring {path} when resuming: not a readable training checkpoint ({type(e).__name__})")
+        return None
 
 
 def latest_checkpoint(folder: PathLike, pattern: str = "checkpoint*.pt") -> str:
-    """Path of the most recently written file matching ``pattern`` in ``folder``, or ``""`` when there is none."""
-    candidates = sorted(Path(folder).glob(pattern), key=lambda p: p.stat().st_mtime) if Path(folder).is_dir() else []
-    return str(candidates[-1]) if candidates else ""
+    """Path of the training checkpoint in ``folder`` (files matching ``pattern``) that reached the furthest trainer
+    iteration, or ``""`` when there is none. Files that are not readable checkpoints are skipped with a warning; file
+    times play no part, so a copied-in older checkpoint never wins over a newer one."""
+    paths = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+    reached = [(it, str(p)) for p in paths if (it := _trainer_iteration(p)) is not None]
+    return max(reached)[1] if reached else ""
+
+
+class TrainingCheckpoint:
+    """Save the full training state (``{name: obj.state_dict()}``) to one file every ``interval`` epochs, atomically:
+    a run killed while saving leaves the previous checkpoint intact, never a truncated one.
+
+    Args:
+        save_dir: folder of the checkpoint.
+        save_dict: what to save, e.g. network, optimizer, trainer, :class:`BestWeights`.
+        filename: the checkpoint's name; :func:`latest_checkpoint` finds it.
+        interval: epochs between saves.
+    """
+
+    def __init__(self, save_dir: PathLike, save_dict: dict, filename: str = "checkpoint.pt", interval: int = 1) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be at least 1 epoch, got {interval}.")
+        self.path, self.save_dict, self.interval = Path(save_dir) / filename, save_dict, interval
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.path) as tmp:
+            torch.save({name: obj.state_dict() for name, obj in self.save_dict.items()}, tmp)
 
 
 class BestWeights:
