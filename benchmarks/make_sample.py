@@ -4,7 +4,7 @@ Subject A's label map is rendered as a T1-like moving image, subject B's as a T2
 their brain, downsampled to 2 mm, and the fixed pair is stored in LIA orientation (the moving one in RAS), so that the
 sample also exercises orientation handling. Everything is seeded: running this again gives the same voxels.
 
-    python benchmarks/make_sample.py [--data ../shared/data] [--output common/sample]
+    python -m benchmarks.make_sample [--data ../shared/data] [--output common/sample]
 
 The helpers here are also used by ``run_benchmark.py`` to prepare its rendered pairs.
 """
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
+from common.synthesis import render_contrast
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # so that a plain checkout runs without installing the package
-from common.synthesis import render_contrast  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 MOVING_SUBJECT, FIXED_SUBJECT = 7, 16
@@ -110,9 +108,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def make_subject(
-    data_dir: Path, subject: int, contrast: str, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_subject(data_dir: Path, subject: int, contrast: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one subject at 1 mm, crop it to its brain and downsample to 2 mm: (image, labels, affine)."""
     labels, affine = load_labels(label_map_path(data_dir, subject))
     image = render_contrast(labels, contrast, seed=seed)

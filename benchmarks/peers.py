@@ -1,6 +1,6 @@
 """One registration method on one pair, run as its own process by ``run_benchmark.py``.
 
-    python benchmarks/peers.py METHOD --fixed F --moving M --fixed_label FL --moving_label ML --output_dir DIR
+    python -m benchmarks.peers METHOD --fixed F --moving M --fixed_label FL --moving_label ML --output_dir DIR
 
 Every method writes, on the fixed image's grid and with its affine, ``warped.nii.gz`` (the moving image warped),
 ``warped_label.nii.gz`` (the moving label map warped by nearest neighbour), ``jacobian.nii.gz`` (the determinant of
@@ -34,7 +34,8 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process in MB.
+    """Peak resident memory of this process in MB (here rather than from ``common``, whose import would load torch
+    into the peers' processes and inflate their memory).
 
     Linux's ``ru_maxrss`` keeps the high-water mark of the process image before ``execve``, which for a worker forked
     from a large parent is the parent's size; ``VmHWM`` in ``/proc/self/status`` starts afresh with the new image.
@@ -186,8 +187,6 @@ def main() -> None:
     if args.overrides and args.method in PEERS:
         parser.error(f"--override applies to the collection's bundles, not to {args.method}.")
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # so that a plain checkout runs without installing the package
     if args.method == "convexadam" or args.method.startswith("node_"):
         import torch
 

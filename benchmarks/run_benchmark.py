@@ -1,6 +1,6 @@
 """Benchmark registration methods on the same pairs, in one run, with metrics computed one way for all.
 
-    python benchmarks/run_benchmark.py [--datasets t1_real,mm_1mm,mm_2mm] [--pairs 10]
+    python -m benchmarks.run_benchmark [--datasets t1_real,mm_1mm,mm_2mm] [--pairs 10]
         [--methods ants_default,ants_strong,convexadam,node_mind,...] [--data ../shared/data] [--output benchmarks/results]
 
 Datasets:
@@ -47,10 +47,9 @@ import numpy as np
 from nibabel.processing import resample_from_to
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-# sibling scripts (benchmarks/ is on sys.path when this file runs); make_sample also puts the repository on sys.path
-from make_sample import (  # noqa: E402
+from benchmarks.make_sample import (
     DEFAULT_DATA,
     REPO_ROOT,
     downsample_affine,
@@ -60,15 +59,14 @@ from make_sample import (  # noqa: E402
     load_labels,
     save_nifti,
 )
-from peers import METHODS, PEERS, thread_env  # noqa: E402
-
-from common.metrics import (  # noqa: E402
+from benchmarks.peers import METHODS, PEERS, thread_env
+from common.metrics import (
     dice_per_label,
     hd95_per_label,
     nonpositive_jacobian_percent,
     patchwise_mi_map,
 )
-from common.synthesis import render_contrast  # noqa: E402
+from common.synthesis import render_contrast
 
 # fixed-image contrasts of the held-out and tuning sets (the moving image is always T1-like)
 FIXED_CONTRASTS = ("t2", "flair", "pd")
@@ -246,15 +244,17 @@ def run_method(
     if resume and (out_dir / "run.json").is_file():
         return score_outputs(pair, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(Path(__file__).with_name("peers.py")), method, "--output_dir", str(out_dir)]
+    command = [sys.executable, "-m", "benchmarks.peers", method, "--output_dir", str(out_dir.resolve())]
     for key in ("fixed", "moving", "fixed_label", "moving_label"):
-        command += [f"--{key}", str(getattr(pair, key))]
+        command += [f"--{key}", str(Path(getattr(pair, key)).resolve())]
     command += ["--threads", str(threads)]
     if method not in PEERS:
         command += [arg for override in overrides for arg in ("--override", override)] + ["--device", device]
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, env=thread_env(threads), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            command, env=thread_env(threads), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+        )
     except subprocess.TimeoutExpired:
         return {"status": f"timeout after {timeout:.0f} s"}
     (out_dir / "log.txt").write_text(done.stdout + done.stderr)
@@ -365,9 +365,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluation = ",".join(d for d in DATASETS if not d.startswith("tuning"))
     parser.add_argument(
-        "--datasets", default=evaluation, help=f"comma-separated subset of {DATASETS} (default: all but the tuning sets)"
+        "--datasets",
+        default=evaluation,
+        help=f"comma-separated subset of {DATASETS} (default: all but the tuning sets)",
     )
-    parser.add_argument("--pairs", type=int, default=10, help="rendered pairs per dataset (t1_real has one, the held-out sets at most 12)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=10,
+        help="rendered pairs per dataset (t1_real has one, the held-out sets at most 12)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {tuple(METHODS)}")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the reference data folder")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="output folder")
@@ -376,12 +383,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads per method")
     parser.add_argument("--device", default="cpu", help="torch device of the collection's bundles, e.g. cuda")
     parser.add_argument("--resume", action="store_true", help="reuse method-pairs already finished in OUTPUT/runs")
-    parser.add_argument(
-        "--report-only", action="store_true", help="score finished method-pairs only; run nothing new"
-    )
+    parser.add_argument("--report-only", action="store_true", help="score finished method-pairs only; run nothing new")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a method-pair is given up")
     parser.add_argument(
-        "--override", action="append", default=[], help="KEY=JSON config change for the collection's bundles (repeatable)"
+        "--override",
+        action="append",
+        default=[],
+        help="KEY=JSON config change for the collection's bundles (repeatable)",
     )
     args = parser.parse_args()
     datasets = [d for d in args.datasets.split(",") if d]

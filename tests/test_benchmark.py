@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import peers  # noqa: E402
-import run_benchmark  # noqa: E402
+from benchmarks import peers, run_benchmark
 
 
 def test_tuning_and_held_out_pairs_share_no_label_map():
@@ -30,7 +25,7 @@ def test_tuning_and_held_out_pairs_share_no_label_map():
 
 def test_override_is_parsed_as_json_and_bad_ones_are_refused():
     assert peers._parse_override("registration#iterations=[50, 150]") == ("registration#iterations", [50, 150])
-    assert peers._parse_override("descriptor_weights=\"\"") == ("descriptor_weights", "")
+    assert peers._parse_override('descriptor_weights=""') == ("descriptor_weights", "")
     for bad in ("registration#iterations", "=3", "lmi#num_bins=sixteen"):
         with pytest.raises(ValueError, match="override"):
             peers._parse_override(bad)
@@ -100,3 +95,30 @@ def test_scores_reward_the_aligned_result_and_tolerate_a_run_without_a_warped_im
     assert after["pmm"] > before["pmm"] + 0.1 and after["nonpositive_jacobian_pct"] == 0.0
     (out / "warped.nii.gz").unlink()
     assert math.isnan(run_benchmark.score_outputs(pair, out)["pmm"])
+
+
+def test_a_method_runs_in_its_own_process_from_any_folder(tmp_path, monkeypatch):
+    """``run_method`` starts ``python -m benchmarks.peers`` (a real process, from another working folder) and scores
+    what it wrote: here node_mind, a few iterations, on a tiny phantom pair."""
+    from common.synthesis import render_contrast
+
+    from .conftest import phantom_labels
+
+    labels = phantom_labels((24, 28, 22)).numpy().astype(np.int16)
+    moved = np.roll(labels, 2, axis=0)
+    paths = {}
+    for key, data in [
+        ("fixed", 1000 * render_contrast(labels, "t2", seed=1)),
+        ("moving", 800 * render_contrast(moved, "t1", seed=2)),
+        ("fixed_label", labels),
+        ("moving_label", moved),
+    ]:
+        paths[key] = tmp_path / f"{key}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.eye(4)), paths[key])
+    files = (paths[k] for k in ("fixed", "moving", "fixed_label", "moving_label"))
+    pair = run_benchmark.Pair("tiny", "a_to_b", *files, groups={"phantom": tuple(range(1, int(labels.max()) + 1))})
+    monkeypatch.chdir(tmp_path)
+    overrides = ["registration#levels=[1]", "registration#iterations=[5]", "save_qc=false", "progress=false"]
+    row = run_benchmark.run_method(pair, "node_mind", tmp_path / "out", 1, 300.0, overrides=overrides)
+    before = run_benchmark.score(pair, moved.astype(np.int32), None, None)["dice"]
+    assert row["status"] == "ok" and row["dice"] > before + 0.02 and row["time_s"] > 0, (row, before)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import itk
@@ -16,14 +19,19 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from common.io import RegistrationInputError
-from common.workflow import input_error_cause
 from common.synthesis import render_contrast
+from common.workflow import input_error_cause
 
 from .conftest import invert_field, phantom_labels, smooth_field
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
-FAST = {"registration#levels": [1], "registration#iterations": [40], "registration#flow_downsample": 2, "progress": False}
+FAST = {
+    "registration#levels": [1],
+    "registration#iterations": [40],
+    "registration#flow_downsample": 2,
+    "progress": False,
+}
 
 
 def _write_pair(folder: Path) -> dict[str, str]:
@@ -132,8 +140,20 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
     data = np.asarray(nib.load(pair["moving"]).dataobj).astype(np.float32)
     data[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(data, nib.load(pair["moving"]).affine), bad)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--fixed", pair["fixed"],
-           "--moving", str(bad), "--output_dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIG),
+        "--fixed",
+        pair["fixed"],
+        "--moving",
+        str(bad),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode != 0
     assert "error: moving image" in result.stderr and "NaN" in result.stderr
@@ -148,14 +168,19 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
         # its warped-then-recomputed schedule at the tiny pair's own ~1 mm (at 2 mm the phantom is ~15 voxels a side,
         # too small for the descriptor's three downsamplings: Dice fell 0.847 -> 0.763); the third stage repeats the
         # second on this grid and is skipped, as the default's 1 mm stage is on a 2 mm image
-        ("node_contrastive", {"registration#levels": [1, 1, 1], "registration#iterations": [30, 10, 10], "progress": False}),
+        (
+            "node_contrastive",
+            {"registration#levels": [1, 1, 1], "registration#iterations": [30, 10, 10], "progress": False},
+        ),
     ],
 )
 def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, schedule, pair, tmp_path):
     """The other variants share node_mind's contract; each improves Dice with a diffeomorphic field (node_contrastive
     with its own stage schedule: warped, then recomputed descriptors)."""
     config = REPO / "bundles" / bundle / "configs" / "inference.json"
-    workflow = ConfigWorkflow(config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**schedule, **pair})
+    workflow = ConfigWorkflow(
+        config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**schedule, **pair}
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
@@ -230,7 +255,9 @@ def test_outputs_never_overwrite_an_input(pair, tmp_path):
     with pytest.raises(RuntimeError) as failure:
         _run(output_dir=str(out), fixed=pair["fixed"], moving=str(moving))
     assert "would overwrite" in str(input_error_cause(failure.value))
-    assert moving.read_bytes() == Path(pair["moving"]).read_bytes() and sorted(p.name for p in out.iterdir()) == ["warped.nii.gz"]
+    assert moving.read_bytes() == Path(pair["moving"]).read_bytes() and sorted(p.name for p in out.iterdir()) == [
+        "warped.nii.gz"
+    ]
 
 
 def test_a_datalist_id_cannot_escape_the_output_folder(pair, tmp_path):
@@ -255,8 +282,22 @@ def test_an_unwritable_output_folder_is_a_clear_error(pair, tmp_path):
 def test_cli_reports_a_bad_device_in_one_line(device, message, pair, tmp_path):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has that CUDA device")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--fixed", pair["fixed"],
-           "--moving", pair["moving"], "--output_dir", str(tmp_path / "out"), "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIG),
+        "--fixed",
+        pair["fixed"],
+        "--moving",
+        pair["moving"],
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--device",
+        device,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode != 0 and f"error: --device {device}" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
@@ -270,8 +311,22 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_cli_switches_switch(pair, tmp_path):
     """`--save_qc false` as typed on a command line (text, not a Python False) turns the QC picture off."""
     out = tmp_path / "out"
-    result = _cli("--fixed", pair["fixed"], "--moving", pair["moving"], "--output_dir", str(out), "--save_qc", "false",
-                  "--progress", "no", "--registration#levels", "[1]", "--registration#iterations", "[2]")
+    result = _cli(
+        "--fixed",
+        pair["fixed"],
+        "--moving",
+        pair["moving"],
+        "--output_dir",
+        str(out),
+        "--save_qc",
+        "false",
+        "--progress",
+        "no",
+        "--registration#levels",
+        "[1]",
+        "--registration#iterations",
+        "[2]",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "metrics.json").is_file() and not (out / "qc.png").exists()
 
@@ -291,3 +346,87 @@ def test_cli_rejects_unknown_or_mistyped_settings_before_running(args, message, 
     assert not (tmp_path / "out").exists()
     if args[0] == "--save_q":
         assert "did you mean --save_qc" in result.stderr
+
+
+def _datalist(pair: dict[str, str], folder: Path, ids: list[str]) -> Path:
+    entry = {k: v for k, v in pair.items() if "landmarks" not in k}
+    path = folder / "list.json"
+    path.write_text(json.dumps({"pairs": [{**entry, "id": i} for i in ids]}))
+    return path
+
+
+def _assert_complete_sets(out: Path, ids: list[str]) -> None:
+    """Every pair folder holds exactly the files its metrics.json lists, all readable; the summary says all ok."""
+    for i in ids:
+        names = sorted(p.name for p in (out / i).iterdir())
+        assert names == sorted(json.loads((out / i / "metrics.json").read_text())["outputs"]), names
+        for name in names:
+            if name.endswith(".nii.gz"):
+                assert nib.load(out / i / name).get_fdata().size > 0
+    rows = (out / "summary.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == ids and all(",ok," in r for r in rows)
+
+
+@pytest.mark.parametrize("fraction", [0.45, 0.8])
+def test_a_killed_datalist_run_rerun_leaves_complete_consistent_outputs(fraction, pair, tmp_path):
+    """SIGKILL part-way through a datalist run, then the same command again: complete outputs, no debris."""
+    ids = ["a", "b", "c"]
+    args = [
+        "--datalist",
+        str(_datalist(pair, tmp_path, ids)),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--progress",
+        "false",
+        "--registration#levels",
+        "[1]",
+        "--registration#iterations",
+        "[3]",
+    ]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), *args]
+    start = time.perf_counter()
+    assert subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=600).returncode == 0
+    duration = time.perf_counter() - start
+    _assert_complete_sets(tmp_path / "out", ids)
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    time.sleep(fraction * duration)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=600).returncode == 0
+    _assert_complete_sets(tmp_path / "out", ids)
+    assert not [p for p in (tmp_path / "out").rglob(".*")]
+
+
+def _limit_file_size(limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_fails_each_pair_clearly_and_keeps_the_summary(pair, tmp_path):
+    ids = ["a", "b"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIG),
+        "--datalist",
+        str(_datalist(pair, tmp_path, ids)),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--progress",
+        "false",
+        "--registration#levels",
+        "[1]",
+        "--registration#iterations",
+        "[2]",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, timeout=600, preexec_fn=lambda: _limit_file_size(20_000)
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: 2 of 2 pairs failed" in result.stderr and "cannot write the outputs" in result.stderr
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["a", "failed"], ["b", "failed"]]
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "summary.csv"]

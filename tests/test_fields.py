@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import DisplacementSmoothnessLoss, JacobianBarrierLoss, MINDSSCLoss, mind_ssc
+from common.losses import DisplacementSmoothnessLoss, JacobianBarrierLoss, mind_ssc
 from common.smoothing import RKHSSmoother, laplacian_eigenvalues
-from common.spatial import compose_ddf, identity_grid, jacobian_determinant, resize_ddf, scaling_and_squaring, warp
+from common.spatial import identity_grid, jacobian_determinant, resize_ddf, scaling_and_squaring, warp
 
 
 def _blobs(shape=(24, 26, 22), seed=0) -> torch.Tensor:
@@ -56,18 +56,6 @@ def test_warp_is_monai_warp(mode, padding_mode):
     assert torch.allclose(warp(image, ddf, mode, padding_mode), expected, atol=1e-12)
     with pytest.raises(ValueError, match="ddf"):
         warp(image, ddf[:, :2])
-
-
-def test_compose_matches_warping_twice():
-    img = _blobs()
-    g = torch.Generator().manual_seed(1)
-    a = 1.5 * F.interpolate(torch.randn(1, 3, 4, 4, 4, generator=g), size=img.shape[2:], mode="trilinear")
-    b = 1.5 * F.interpolate(torch.randn(1, 3, 4, 4, 4, generator=g), size=img.shape[2:], mode="trilinear")
-    twice = warp(warp(img, a), b)
-    inner = (..., slice(4, -4), slice(4, -4), slice(4, -4))
-    error = (twice - warp(img, compose_ddf(a, b)))[inner].abs().mean()
-    wrong_order = (twice - warp(img, compose_ddf(b, a)))[inner].abs().mean()
-    assert error < 0.02 and error < 0.3 * wrong_order, (error, wrong_order)
 
 
 def test_resize_ddf_keeps_physical_displacement():
@@ -124,7 +112,6 @@ def test_mind_is_nearly_invariant_to_a_monotone_remap_while_mse_is_not():
     raw_shift = F.mse_loss(img, torch.roll(img, 2, dims=2))
     assert mind_change < 0.25 * mind_shift, (mind_change, mind_shift)
     assert raw_change > 10 * raw_shift, (raw_change, raw_shift)
-    assert MINDSSCLoss()(img, remapped) == pytest.approx(float(mind_change))
 
 
 def test_mind_matches_the_direct_twelve_pair_definition():

@@ -236,11 +236,10 @@ def test_memory_check():
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "warped.nii.gz"
-    with pytest.raises(RuntimeError):
-        with atomic_write(final) as tmp:
-            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp != final
-            tmp.write_bytes(b"half written")
-            raise RuntimeError("writer failed")
+    with pytest.raises(RuntimeError), atomic_write(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp != final
+        tmp.write_bytes(b"half written")
+        raise RuntimeError("writer failed")
     assert list(tmp_path.iterdir()) == []
 
     final.write_bytes(b"old")

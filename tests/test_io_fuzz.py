@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.io import RegistrationInputError, load_image, load_label
@@ -121,6 +121,6 @@ def test_values_and_geometry_are_never_silently_changed(case, tmp_path):
     img.header.set_sform(affine, code=1)
     path = tmp_path / "case.nii.gz"
     nib.save(img, path)
-    with pytest.raises(RegistrationInputError, match="geometry|complex|32-bit"):
+    with pytest.raises(RegistrationInputError, match=r"geometry|complex|32-bit"):
         reference = load_image(path)
         load_label(path, reference)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.engine import InstanceOptimizationInferer
+from common.engine import InstanceOptimizationInferer, PatchSimilarity
 from common.losses import LocalMutualInformationLoss, grouped_mutual_information, patch_groups
 from common.spatial import warp
 from common.synthesis import render_contrast
@@ -63,7 +63,9 @@ def test_patch_samples_give_the_same_value_as_the_volume():
 
 
 def test_inferer_draws_whole_patches_for_a_patch_similarity():
-    inferer = InstanceOptimizationInferer(LocalMutualInformationLoss(patch_size=3), sample_points=270)
+    similarity = LocalMutualInformationLoss(patch_size=3)
+    assert isinstance(similarity, PatchSimilarity) and not isinstance(torch.nn.MSELoss(), PatchSimilarity)
+    inferer = InstanceOptimizationInferer(lambda shape: None, similarity, sample_points=270)
     points = inferer._random_points((10, 12, 9), torch.device("cpu")).view(-1, 27, 3)
     assert points.shape[0] == 10 and int(points.max()) <= 11 and int(points.min()) >= 0
     spans = points.amax(1) - points.amin(1)

@@ -32,8 +32,14 @@ def test_flow_of_a_rotation_field_converges_with_the_solver_order(solver, tolera
     u = flow.integrate(v)
     c = torch.tensor([(s - 1) / 2 for s in shape], dtype=torch.float64).view(3, 1, 1, 1)
     x = identity_grid(shape, dtype=torch.float64) - c
-    rot = torch.tensor([[torch.cos(torch.tensor(angle)), -torch.sin(torch.tensor(angle)), 0],
-                        [torch.sin(torch.tensor(angle)), torch.cos(torch.tensor(angle)), 0], [0, 0, 1]], dtype=torch.float64)
+    rot = torch.tensor(
+        [
+            [torch.cos(torch.tensor(angle)), -torch.sin(torch.tensor(angle)), 0],
+            [torch.sin(torch.tensor(angle)), torch.cos(torch.tensor(angle)), 0],
+            [0, 0, 1],
+        ],
+        dtype=torch.float64,
+    )
     expected = torch.einsum("ij,j...->i...", rot, x) - x
     inner = (slice(None), slice(None), slice(6, -6), slice(6, -6), slice(None))  # away from border clamping
     assert (u[inner] - expected[None][inner]).abs().max() < tolerance

@@ -24,6 +24,7 @@ NETWORK = functools.partial(
 
 def _inferer(**overrides) -> InstanceOptimizationInferer:
     options = dict(
+        model_factory=NETWORK,
         similarity=torch.nn.MSELoss(),
         descriptor=MINDSSC(radius=1, dilation=1),
         warp_descriptor=True,
@@ -61,7 +62,7 @@ def test_known_deformation_is_recovered_across_contrasts():
     moving = torch.as_tensor(render_contrast(moving_labels, "t1", seed=2))[None, None]
 
     inferer = _inferer(levels=(2, 1), iterations=(60, 60))
-    ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
+    ddf = inferer(fixed, moving, spacing=(1.0, 1.0, 1.0)).ddf
 
     warped_labels = warp(moving_labels[None, None].float(), ddf, mode="nearest")[0, 0].long()
     dice_before = mean_dict(dice_per_label(moving_labels, labels))
@@ -78,7 +79,7 @@ def test_known_deformation_is_recovered_across_contrasts():
 
 def test_identical_images_give_the_identity_field():
     image = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
-    ddf = _inferer(iterations=(40,))(image, image.clone(), NETWORK, spacing=(1.0, 1.0, 1.0))
+    ddf = _inferer(iterations=(40,))(image, image.clone(), spacing=(1.0, 1.0, 1.0)).ddf
     assert ddf.abs().max() < 0.1
 
 
@@ -86,11 +87,9 @@ def test_time_budget_and_convergence_stop_early():
     image = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
     shifted = torch.roll(image, 1, dims=2)
     budget = _inferer(iterations=(10_000,), time_budget_s=2.0)
-    budget(image, shifted, NETWORK, spacing=(1.0, 1.0, 1.0))
-    assert 0 < budget.stats["iterations"][0] < 10_000
+    assert 0 < budget(image, shifted, spacing=(1.0, 1.0, 1.0)).stats.iterations[0] < 10_000
     converged = _inferer(iterations=(2_000,), patience=10, tolerance=1e-2)
-    converged(image, shifted, NETWORK, spacing=(1.0, 1.0, 1.0))
-    assert 10 < converged.stats["iterations"][0] < 2_000
+    assert 10 < converged(image, shifted, spacing=(1.0, 1.0, 1.0)).stats.iterations[0] < 2_000
 
 
 def test_each_stage_warps_or_recomputes_the_moving_descriptor_as_told():
@@ -108,7 +107,7 @@ def test_each_stage_warps_or_recomputes_the_moving_descriptor_as_told():
 
     descriptor = Counted(radius=1, dilation=1)
     inferer = _inferer(descriptor=descriptor, levels=(1, 1), iterations=(30, 10), warp_descriptor=(True, False))
-    ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
+    ddf = inferer(fixed, moving, spacing=(1.0, 1.0, 1.0)).ddf
     assert descriptor.calls == (1 + 1) + (1 + 10)  # fixed and moving once, then fixed once and one per iteration
     assert ddf[0, 0].mean() > 1.0, ddf[0, 0].mean()
 
@@ -137,9 +136,10 @@ def test_a_stage_on_random_voxels_keeps_its_last_state_not_its_luckiest_draw():
 
     inferer = _inferer(similarity=LuckyDraw(), sample_points=20_000, iterations=(60,))
     assert inferer.is_sampled(fixed.shape[2:], warp_descriptor=True)
-    ddf = inferer(fixed, moving, NETWORK, spacing=(1.0, 1.0, 1.0))
+    result = inferer(fixed, moving, spacing=(1.0, 1.0, 1.0))
+    ddf = result.ddf
     assert ddf[0, 0].mean() > 1.0, ddf[0, 0].mean()  # restoring the lucky second iteration: 0.11 voxel
-    assert inferer.stats["final_loss"] > 0
+    assert result.stats.final_loss > 0
 
 
 def test_levels_and_iterations_must_match():
@@ -158,7 +158,10 @@ def test_levels_in_mm_put_each_stage_at_the_same_voxel_size_whatever_the_image()
     to 4 mm), and an anisotropic image is never made finer along its thick axis."""
     in_mm = _inferer(levels=(2, 1), iterations=(1, 1), levels_unit="mm")
     factors = _inferer(levels=(2, 1), iterations=(1, 1))
-    assert [in_mm.level_shape((160, 192, 144), (1.0,) * 3, grid) for grid in in_mm.levels] == [(80, 96, 72), (160, 192, 144)]
+    assert [in_mm.level_shape((160, 192, 144), (1.0,) * 3, grid) for grid in in_mm.levels] == [
+        (80, 96, 72),
+        (160, 192, 144),
+    ]
     assert [in_mm.level_shape((80, 96, 72), (2.0,) * 3, grid) for grid in in_mm.levels] == [(80, 96, 72)] * 2
     assert factors.level_shape((80, 96, 72), (2.0,) * 3, factors.levels[0]) == (40, 48, 36)
     assert in_mm.level_shape((160, 192, 48), (1.0, 1.0, 3.0), 2.0) == (80, 96, 48)
@@ -168,7 +171,7 @@ def test_levels_in_mm_put_each_stage_at_the_same_voxel_size_whatever_the_image()
     descriptor.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
     image = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
     _inferer(descriptor=descriptor, levels=(2, 1), iterations=(2, 2), levels_unit="mm")(
-        image, image.clone(), NETWORK, spacing=(2.0,) * 3
+        image, image.clone(), spacing=(2.0,) * 3
     )
     assert set(seen) == {tuple(image.shape[2:])}
 
@@ -181,18 +184,16 @@ def test_a_stage_repeating_the_one_before_is_skipped_so_a_1mm_schedule_costs_a_c
     schedule = dict(levels_unit="mm", warp_descriptor=(True, False, False))
 
     fine = _inferer(levels=(2, 2, 1), iterations=(2, 3, 4), **schedule)
-    fine(image, moving, NETWORK, spacing=(1.0,) * 3)
-    assert fine.stats["iterations"] == [2, 3, 4]
+    assert fine(image, moving, spacing=(1.0,) * 3).stats.iterations == [2, 3, 4]
 
     coarse = _inferer(levels=(2, 2, 1), iterations=(2, 3, 4), **schedule)
-    skipped = coarse(image, moving, NETWORK, spacing=(2.0,) * 3)
-    assert coarse.stats["iterations"] == [2, 3, 0]
+    skipped = coarse(image, moving, spacing=(2.0,) * 3)
+    assert skipped.stats.iterations == [2, 3, 0]
     two_stages = _inferer(levels=(2, 2), iterations=(2, 3), levels_unit="mm", warp_descriptor=(True, False))
-    torch.testing.assert_close(skipped, two_stages(image, moving, NETWORK, spacing=(2.0,) * 3), rtol=0, atol=0)
+    torch.testing.assert_close(skipped.ddf, two_stages(image, moving, spacing=(2.0,) * 3).ddf, rtol=0, atol=0)
     # a stage given no iterations is skipped too, and does not make the next one a repeat
     no_first = _inferer(levels=(2, 2), iterations=(0, 3), levels_unit="mm", warp_descriptor=(True, False))
-    no_first(image, moving, NETWORK, spacing=(2.0,) * 3)
-    assert no_first.stats["iterations"] == [0, 3]
+    assert no_first(image, moving, spacing=(2.0,) * 3).stats.iterations == [0, 3]
 
 
 def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_whole_warped_image():
@@ -206,13 +207,19 @@ def test_recomputed_descriptor_in_random_blocks_equals_the_descriptor_of_the_who
 
     # 16 blocks of 8^3 voxels, grown by the reach of 3 to 14^3: 44 000 of the image's 49 000 voxels
     inferer = _inferer(
-        similarity=MaxChannelGap(), descriptor=descriptor, warp_descriptor=False, sample_points=16 * 8**3, sample_block=8
+        similarity=MaxChannelGap(),
+        descriptor=descriptor,
+        warp_descriptor=False,
+        sample_points=16 * 8**3,
+        sample_block=8,
     )
     torch.manual_seed(0)
     # the fixed descriptor is the whole warped image's, so any difference is the block computation's
     gap = inferer._similarity(ddf, moving, whole, warp_descriptor=False)
     assert gap.shape == (1, 16 * 8**3) and (gap < 1e-4).float().mean() > 0.93 and gap.mean() < 0.01
-    assert (inferer._similarity(torch.zeros_like(ddf), moving, whole, warp_descriptor=False) < 1e-4).float().mean() < 0.8
+    assert (
+        inferer._similarity(torch.zeros_like(ddf), moving, whole, warp_descriptor=False) < 1e-4
+    ).float().mean() < 0.8
     # more blocks than that would cost more than the whole image: the whole warped image is described
     inferer.sample_points = 20 * 8**3
     assert inferer._similarity(ddf, moving, whole, warp_descriptor=False).shape == (1, *shape)

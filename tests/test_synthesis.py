@@ -110,8 +110,12 @@ def test_sample_contrast(role, brighter, darker):
 
 def _deform(seed: int, prob: float = 1.0, **data) -> dict:
     transform = RandDiffeomorphicWarpd(
-        list(data), mode=["bilinear" if v.is_floating_point() else "nearest" for v in data.values()], prob=prob,
-        velocity_std=3.0, control_spacing=8.0, ddf_key="ddf",
+        list(data),
+        mode=["bilinear" if v.is_floating_point() else "nearest" for v in data.values()],
+        prob=prob,
+        velocity_std=3.0,
+        control_spacing=8.0,
+        ddf_key="ddf",
     )
     return transform.set_random_state(seed)(data)
 

@@ -16,9 +16,9 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from common.networks import DisplacementUNet
-from common.training import BestWeights, TrainingCheckpoint, latest_checkpoint
 from common.sample import sample_pair
 from common.spatial.fields import warp
+from common.training import BestWeights, TrainingCheckpoint, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "node_contrastive" / "configs"
@@ -124,7 +124,9 @@ def test_resume_takes_the_furthest_checkpoint_and_survives_a_kill_while_saving(t
     _checkpoint_at(300, network, tmp_path)(None)
     (tmp_path / "checkpoint_shipped.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes())
     _checkpoint_at(100, network, tmp_path / "old")(None)
-    (tmp_path / "old" / "checkpoint.pt").replace(tmp_path / "checkpoint_zz_copied_later.pt")  # newest file, oldest state
+    (tmp_path / "old" / "checkpoint.pt").replace(
+        tmp_path / "checkpoint_zz_copied_later.pt"
+    )  # newest file, oldest state
     (tmp_path / "checkpoint_truncated.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:1000])
     assert Path(latest_checkpoint(tmp_path)).name in {"checkpoint.pt", "checkpoint_shipped.pt"}
 
@@ -207,8 +209,14 @@ def test_the_edge_view_gives_one_field_whatever_the_contrast_of_either_image():
     pair = torch.rand(1, 2, 24, 24, 24)
     recontrasted = torch.stack([0.7 * (1.0 - pair[:, 0]), 3.0 * pair[:, 1]], dim=1)
     for edge_sigma, same in ((1.0, True), (0.0, False)):
-        net = DisplacementUNet([8, 8, 8, 8], unet_out_channels=8, final_conv_channels=(8,), output_std=1.0,
-                               norm="instance", edge_sigma=edge_sigma)
+        net = DisplacementUNet(
+            [8, 8, 8, 8],
+            unet_out_channels=8,
+            final_conv_channels=(8,),
+            output_std=1.0,
+            norm="instance",
+            edge_sigma=edge_sigma,
+        )
         with torch.no_grad():
             field, other = net(pair), net(recontrasted)
         assert bool((field - other).abs().max() < 1e-3 * field.abs().max()) == same

@@ -1,10 +1,16 @@
+from .finetuning import TestTimeOptimizationInferer, working_shape
 from .optimizer import BestState, create_pair_engine
+from .protocols import LocalDescriptor, PairRegistration, PatchSimilarity, RegistrationResult, RegistrationStats
 from .registration import InstanceOptimizationInferer, downsample_image
-from .test_time import TestTimeOptimizationInferer, working_shape
 
 __all__ = [
     "BestState",
     "InstanceOptimizationInferer",
+    "LocalDescriptor",
+    "PairRegistration",
+    "PatchSimilarity",
+    "RegistrationResult",
+    "RegistrationStats",
     "TestTimeOptimizationInferer",
     "create_pair_engine",
     "downsample_image",

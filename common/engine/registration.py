@@ -15,10 +15,10 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.losses.regularizers import DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
-from common.spatial.fields import resize_ddf, warp
-from common.spatial.grids import identity_grid, scaled_shape
+from common.spatial import block_points, random_blocks, random_voxels, resize_ddf, scaled_shape, warp, warp_at
 
 from .optimizer import BestState, create_pair_engine
+from .protocols import LocalDescriptor, PatchSimilarity, RegistrationResult, RegistrationStats
 
 logger = logging.getLogger(__name__)
 
@@ -34,29 +34,10 @@ def downsample_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
 
 
-def _sample_points(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples of ``volume`` ``[1, C, X, Y, Z]`` at ``points`` ``[N, 3]`` (normalised, axis order) -> ``[1, C, N]``."""
-    grid = points.flip(-1).view(1, -1, 1, 1, 3)  # grid_sample wants (z, y, x) -> (x, y, z) order reversed
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
-
-
-def _random_blocks(shape: Sequence[int], block: Sequence[int], count: int, device: torch.device) -> torch.Tensor:
-    """First corners ``[count, 3]`` of random blocks of size ``block`` lying inside a grid of ``shape``."""
-    room = torch.tensor(shape, device=device) - torch.tensor(block, device=device) + 1
-    return (torch.rand(count, 3, device=device) * room).long()
-
-
-def _block_points(origins: torch.Tensor, block: Sequence[int], margin: int = 0) -> torch.Tensor:
-    """Voxel indices ``[count * prod(block + 2 margin), 3]`` of the blocks at ``origins`` grown by ``margin`` on each
-    side, block after block, each in C order (as ``[count, *grown block]`` flattens)."""
-    offsets = identity_grid([b + 2 * margin for b in block], device=origins.device, dtype=torch.long) - margin
-    return (origins[:, None] + offsets.flatten(1).T[None]).reshape(-1, 3)
-
-
 class InstanceOptimizationInferer(Inferer):
     """Register a pair by optimising a transform model's parameters on that pair alone.
 
-    The transform model, built by ``network(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
+    The transform model, built by ``model_factory(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
     ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
     ``w_sim similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
     descriptor (identity when None), optimised with Adam over ``levels`` (coarse to fine image grids), each for its
@@ -64,6 +45,8 @@ class InstanceOptimizationInferer(Inferer):
     random voxels (:meth:`is_sampled`), which ends with its last parameters.
 
     Args:
+        model_factory: builds the transform model for a flow grid, ``model_factory(shape=(X, Y, Z)) -> nn.Module``
+            (e.g. a bundle's ``network_def`` in callable mode).
         similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``.
         descriptor: module ``[1, 1, X, Y, Z] -> [1, C, X, Y, Z]``, or None to compare intensities.
         warp_descriptor: warp the moving image's descriptor (computed once per stage) instead of recomputing the
@@ -94,16 +77,20 @@ class InstanceOptimizationInferer(Inferer):
         progress: show progress bars.
         sample_points: at stages with more voxels than this, compare descriptors at this many random voxels per
             iteration (a stochastic gradient, as elastix's random sampler) instead of at all voxels; None: all.
-            A similarity with a ``patch_size`` attribute (local MI) gets whole random patches instead. When the
-            descriptor is recomputed (``warp_descriptor`` False) and has a finite ``reach`` (MIND-SSC), the points
+            A :class:`~common.engine.PatchSimilarity` (local MI) gets whole random patches instead. When the
+            descriptor is recomputed (``warp_descriptor`` False) and is a :class:`~common.engine.LocalDescriptor`
+            (MIND-SSC), the points
             come in random blocks of ``sample_block`` voxels a side, whose descriptor is computed from the warped
             moving image on the block grown by ``reach``, at stages where the grown blocks hold fewer voxels than the
-            image; a descriptor without ``reach`` sees the whole image.
+            image; another descriptor sees the whole image.
         sample_block: side (voxels) of the blocks of recomputed descriptors.
+        normalize: intensity transform of each image before registration; None: the 0.5 and 99.5 percentiles
+            mapped to 0 and 1, clipped.
     """
 
     def __init__(
         self,
+        model_factory: Callable[..., nn.Module],
         similarity: nn.Module,
         descriptor: nn.Module | None = None,
         warp_descriptor: bool | Sequence[bool] = False,
@@ -125,8 +112,10 @@ class InstanceOptimizationInferer(Inferer):
         progress: bool = True,
         sample_points: int | None = None,
         sample_block: int = 16,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        self.model_factory = model_factory
         if len(levels) != len(iterations):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
         if levels_unit not in ("factor", "mm"):
@@ -149,8 +138,7 @@ class InstanceOptimizationInferer(Inferer):
         self.time_budget_s, self.patience, self.tolerance = time_budget_s, patience, tolerance
         self.initial_weights, self.seed, self.progress = initial_weights, seed, progress
         self.sample_points, self.sample_block = sample_points, sample_block
-        self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
-        self.stats: dict = {}
+        self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
 
     def level_shape(self, shape: Sequence[int], spacing: Sequence[float], level: float) -> tuple[int, ...]:
         """The image grid of a stage at ``level`` for an image of ``shape`` and voxel size ``spacing`` (mm)."""
@@ -173,10 +161,12 @@ class InstanceOptimizationInferer(Inferer):
             return False
         if warp_descriptor:
             return math.prod(shape) > self.sample_points
-        reach = getattr(self.descriptor, "reach", None)
+        if not isinstance(self.descriptor, LocalDescriptor):
+            return False
+        reach = self.descriptor.reach
         block, count = self._blocks(shape)
         # recomputed in blocks only where the grown blocks hold fewer voxels than the whole image
-        return reach is not None and count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
+        return count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
 
     def _similarity(
         self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor, warp_descriptor: bool
@@ -189,49 +179,35 @@ class InstanceOptimizationInferer(Inferer):
             return self.similarity(warped if warp_descriptor else self._describe(warped), target)
         if warp_descriptor:
             points = self._random_points(shape, target.device)
-            warped = self._warp_points(displacement, source, points, shape)
+            warped = warp_at(displacement, source, points, shape)
         else:
             # the descriptor of each random block, from the warped moving image on the block grown by its reach
             reach = self.descriptor.reach
             block, count = self._blocks(shape)
-            origins = _random_blocks(shape, block, count, target.device)
-            values = self._warp_points(displacement, source, _block_points(origins, block, reach), shape)
+            origins = random_blocks(shape, block, count, target.device)
+            values = warp_at(displacement, source, block_points(origins, block, reach), shape)
             described = self._describe(values.view(count, 1, *[b + 2 * reach for b in block]))
             inner = described[:, :, reach : reach + block[0], reach : reach + block[1], reach : reach + block[2]]
             warped = inner.transpose(0, 1).reshape(1, described.shape[1], -1)
-            points = _block_points(origins, block)
+            points = block_points(origins, block)
         index = (points[:, 0] * shape[1] + points[:, 1]) * shape[2] + points[:, 2]
         return self.similarity(warped, target.flatten(2)[:, :, index])
 
-    @staticmethod
-    def _warp_points(displacement: torch.Tensor, source: torch.Tensor, points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """``source`` ``[1, C, *shape]`` warped by ``displacement`` (flow grid), at voxel ``points`` ``[N, 3]`` of the
-        target grid (outside it, the border's displacement and values) -> ``[1, C, N]``."""
-        scale = (torch.tensor(shape, device=points.device) - 1).clamp(min=1).to(displacement.dtype)
-        # both grids span the same field of view corner to corner, so normalised coordinates are shared
-        normalised = 2 * points.to(displacement.dtype) / scale - 1
-        flow_size = torch.tensor(displacement.shape[2:], device=points.device, dtype=displacement.dtype)
-        u = _sample_points(displacement, normalised) * (scale / (flow_size - 1).clamp(min=1)).view(1, 3, 1)
-        moved = normalised.T[None] + 2 * u / scale.view(1, 3, 1)
-        return _sample_points(source, moved[0].T)
-
     def _random_points(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape``, grouped in whole patches when the
-        similarity compares patches (it has a ``patch_size``): ``N = sample_points // patch_size**3`` patches of
-        ``patch_size**3`` consecutive points each."""
-        patch = getattr(self.similarity, "patch_size", None)
-        if patch is None:
-            # in memory order, so that neighbouring samples read neighbouring voxels
-            index = torch.randint(0, math.prod(shape), (self.sample_points,), device=device).sort().values
-            return torch.stack([index // (shape[1] * shape[2]), (index // shape[2]) % shape[1], index % shape[2]], dim=1)
+        """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape``, in whole patches for a
+        :class:`~common.engine.PatchSimilarity`: ``N = sample_points // patch_size**3`` patches of ``patch_size**3``
+        consecutive points each."""
+        if not isinstance(self.similarity, PatchSimilarity):
+            return random_voxels(shape, self.sample_points, device)
+        patch = self.similarity.patch_size
         count = max(1, self.sample_points // patch**3)
-        return _block_points(_random_blocks(shape, (patch,) * 3, count, device), (patch,) * 3)
+        return block_points(random_blocks(shape, (patch,) * 3, count, device), (patch,) * 3)
 
-    def build_model(self, network: Callable[..., nn.Module], shape: Sequence[int], device: torch.device) -> nn.Module:
+    def build_model(self, shape: Sequence[int], device: torch.device) -> nn.Module:
         """The transform model for a flow grid of ``shape``, seeded and with the initial weights loaded."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = network(shape=tuple(shape))
+            model = self.model_factory(shape=tuple(shape))
         if self.initial_weights:
             state = torch.load(self.initial_weights, map_location="cpu", weights_only=True)
             unexpected = model.load_state_dict(state, strict=False).unexpected_keys
@@ -240,23 +216,20 @@ class InstanceOptimizationInferer(Inferer):
         return model.to(device)
 
     def __call__(  # type: ignore[override]
-        self, fixed: torch.Tensor, moving: torch.Tensor, network: Callable[..., nn.Module], spacing: Sequence[float]
-    ) -> torch.Tensor:
-        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on the same grid of voxel size ``spacing`` mm.
-
-        Returns:
-            displacement ``[1, 3, X, Y, Z]`` in voxels of the fixed grid (pull-back: warped(x) = moving(x + u(x))).
-        """
+        self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]
+    ) -> RegistrationResult:
+        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on the same grid of voxel size ``spacing`` mm;
+        the result's grid is the flow grid."""
         device, shape = fixed.device, tuple(fixed.shape[2:])
-        fixed, moving = (convert_to_tensor(self.normalise(x.float()), track_meta=False) for x in (fixed, moving))
+        fixed, moving = (convert_to_tensor(self.normalize(x.float()), track_meta=False) for x in (fixed, moving))
         if isinstance(self.descriptor, nn.Module):
             self.descriptor.to(device)  # a learned descriptor follows the images
         flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
-        model = self.build_model(network, flow_shape, device)
+        model = self.build_model(flow_shape, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
         w_sim, w_jac, w_smooth, w_mag = self.weights
         start = time.perf_counter()
-        self.stats = {"iterations": [], "stage_time_s": [], "final_loss": math.nan, "flow_shape": list(flow_shape)}
+        stats = RegistrationStats(grid=list(flow_shape))
 
         previous = None
         for level, (grid, num_iterations, warp_descriptor) in enumerate(
@@ -270,8 +243,8 @@ class InstanceOptimizationInferer(Inferer):
                 skip = f"repeats stage {level} on this image's grid"
             if skip:
                 logger.info(f"stage {level + 1} {skip}: skipped")
-                self.stats["iterations"].append(0)
-                self.stats["stage_time_s"].append(0.0)
+                stats.iterations.append(0)
+                stats.stage_time_s.append(0.0)
                 continue
             previous = (level_shape, warp_descriptor)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
@@ -286,7 +259,7 @@ class InstanceOptimizationInferer(Inferer):
             # from the 6th of 35 iterations), so such a stage keeps its last state
             best = None if self.is_sampled(level_shape, warp_descriptor) else BestState()
 
-            def step() -> dict[str, float]:
+            def step(source=source, target=target, warp_descriptor=warp_descriptor, best=best) -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
                 displacement, velocity = model()
                 sim = w_sim * self._similarity(displacement, source, target, warp_descriptor)
@@ -319,10 +292,10 @@ class InstanceOptimizationInferer(Inferer):
             engine.run(range(num_iterations), max_epochs=1)
             if best is not None:
                 best.restore(model)
-            self.stats["iterations"].append(engine.state.iteration)
-            self.stats["stage_time_s"].append(time.perf_counter() - stage_start)
-            self.stats["final_loss"] = engine.state.output["loss"] if best is None else best.loss
+            stats.iterations.append(engine.state.iteration)
+            stats.stage_time_s.append(time.perf_counter() - stage_start)
+            stats.final_loss = engine.state.output["loss"] if best is None else best.loss
 
         with torch.no_grad():
             displacement, _ = model()
-            return resize_ddf(displacement, shape)
+            return RegistrationResult(resize_ddf(displacement, shape), stats)

@@ -8,7 +8,6 @@ from .image import (
     load_image,
     load_label,
     load_series,
-    required_memory_bytes,
     world_bounds,
 )
 from .landmarks import load_landmarks
@@ -26,7 +25,6 @@ __all__ = [
     "load_label",
     "load_landmarks",
     "load_series",
-    "required_memory_bytes",
     "resample_to_grid",
     "save_csv",
     "save_ddf_itk",

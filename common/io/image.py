@@ -6,7 +6,6 @@ world RAS millimetres (MONAI's convention); array axes are the file's own index 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -153,7 +152,9 @@ def load_label(path: PathLike, reference: MetaTensor, role: str = "label") -> Me
             raise input_error(role, path, f"has {fractional} non-integer values; a label map holds integers")
     low, high = float(label.min()), float(label.max())
     if low < _INT32_RANGE[0] or high > _INT32_RANGE[1]:
-        raise input_error(role, path, f"has labels from {low:.0f} to {high:.0f}, beyond the 32-bit integers written out")
+        raise input_error(
+            role, path, f"has labels from {low:.0f} to {high:.0f}, beyond the 32-bit integers written out"
+        )
     ref_name = reference.meta.get("filename_or_obj", "reference image")
     same_shape = label.shape[1:] == reference.shape[1:]
     if not same_shape or not torch.allclose(label.affine, reference.affine.to(label.affine), atol=_GRID_ATOL):
@@ -193,11 +194,6 @@ def check_overlap(fixed: MetaTensor, moving: MetaTensor) -> None:
     )
 
 
-def required_memory_bytes(shape: Sequence[int], channels_per_voxel: int, bytes_per_value: int = 4) -> int:
-    """Bytes taken by ``channels_per_voxel`` values of ``bytes_per_value`` bytes at every voxel of ``shape``."""
-    return math.prod(shape) * channels_per_voxel * bytes_per_value
-
-
 def available_memory_bytes(device: str | torch.device) -> int | None:
     """Free memory on ``device`` in bytes: CUDA's free memory, or MemAvailable on a Linux CPU; else None."""
     dev = torch.device(device)
@@ -225,7 +221,7 @@ def check_device_memory(
     Args:
         shape: spatial shape of the grid, for the message.
         device: where the work runs, e.g. ``"cuda:0"`` or ``"cpu"``.
-        bytes_needed: estimate, e.g. from :func:`required_memory_bytes`.
+        bytes_needed: the estimate, e.g. bytes per voxel times the number of voxels.
         hint: what the user can do about it, appended to the message.
     """
     dev = torch.device(device)

@@ -118,8 +118,7 @@ def save_json(obj: Any, path: PathLike) -> None:
 def save_csv(rows: list[dict[str, Any]], path: PathLike) -> None:
     """Write ``rows`` as CSV with a header: the union of their keys in order of first appearance."""
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with atomic_write(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,6 +1,6 @@
 from .contrastive import VoxelInfoNCELoss, sample_voxels, voxel_similarities
 from .correlation import GlobalNormalizedCrossCorrelationLoss
-from .mind import MINDSSC, MINDSSCLoss, mind_ssc
+from .mind import MINDSSC, mind_ssc
 from .mutual_information import (
     LocalMutualInformationLoss,
     MultiAxisMutualInformationLoss,
@@ -9,16 +9,20 @@ from .mutual_information import (
     patch_groups,
 )
 from .pair import PairRegistrationLoss, joint_one_hot
-from .regularizers import DisplacementDivergenceLoss, DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
+from .regularizers import (
+    DisplacementDivergenceLoss,
+    DisplacementSmoothnessLoss,
+    JacobianBarrierLoss,
+    VelocityMagnitudeLoss,
+)
 
 __all__ = [
+    "MINDSSC",
     "DisplacementDivergenceLoss",
     "DisplacementSmoothnessLoss",
     "GlobalNormalizedCrossCorrelationLoss",
     "JacobianBarrierLoss",
     "LocalMutualInformationLoss",
-    "MINDSSC",
-    "MINDSSCLoss",
     "MultiAxisMutualInformationLoss",
     "PairRegistrationLoss",
     "VelocityMagnitudeLoss",

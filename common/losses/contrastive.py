@@ -9,7 +9,9 @@ from torch.nn.modules.loss import _Loss
 __all__ = ["VoxelInfoNCELoss", "sample_voxels", "voxel_similarities"]
 
 
-def sample_voxels(shape: torch.Size | tuple[int, ...], count: int, mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
+def sample_voxels(
+    shape: torch.Size | tuple[int, ...], count: int, mask: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
     """``count`` distinct flat voxel indices ``[B, count]`` of a ``[B, C, *S]`` map, drawn inside ``mask`` when given.
 
     Args:

@@ -18,12 +18,7 @@ import torch.nn.functional as F
 
 # the 12 (p, q) offset pairs of the SSC neighbourhood, as unit offsets along the three axes
 _SIX = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
-_PAIRS = [
-    (p, q)
-    for i, p in enumerate(_SIX)
-    for q in _SIX[i + 1 :]
-    if sum((a - b) ** 2 for a, b in zip(p, q)) == 2
-]
+_PAIRS = [(p, q) for i, p in enumerate(_SIX) for q in _SIX[i + 1 :] if sum((a - b) ** 2 for a, b in zip(p, q)) == 2]
 
 
 def _shift(x: torch.Tensor, offset: tuple[int, int, int], pad: int) -> torch.Tensor:
@@ -137,14 +132,3 @@ class MINDSSC(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return mind_ssc(image, self.radius, self.dilation)
-
-
-class MINDSSCLoss(nn.Module):
-    """Mean squared difference of the MIND-SSC descriptors of two images ``[B, 1, X, Y, Z]``."""
-
-    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
-        super().__init__()
-        self.descriptor = MINDSSC(radius, dilation)
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.descriptor(pred), self.descriptor(target))

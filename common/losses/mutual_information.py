@@ -161,7 +161,9 @@ class MultiAxisMutualInformationLoss(_Loss):
                 f"expected pred and target of one shape [B, 1, X, Y, Z], got {tuple(pred.shape)} and {tuple(target.shape)}."
             )
         # the Parzen weights of a voxel are the same whichever axis its slice is cut along, so they are computed once
-        wa, wb = (parzen_weights(x[:, 0], self.num_bins, self.sigma_ratio) for x in (pred, target))  # [B, X, Y, Z, bins]
+        wa, wb = (
+            parzen_weights(x[:, 0], self.num_bins, self.sigma_ratio) for x in (pred, target)
+        )  # [B, X, Y, Z, bins]
         per_axis = []
         for axis in self.axes:
             a, b = (w.movedim(axis + 1, 1).flatten(2, 3) for w in (wa, wb))  # [B, slices, slice voxels, bins]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
-__all__ = ["nonpositive_jacobian_percent", "ndv_percent"]
+__all__ = ["ndv_percent", "nonpositive_jacobian_percent"]
 
 # Cube corners (offsets along the three array axes) and the ten tetrahedra of the two five-tetrahedra splits of a
 # voxel cube: each split is one central tetrahedron on four corners of equal parity plus the four corner tetrahedra

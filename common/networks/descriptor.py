@@ -16,7 +16,15 @@ __all__ = ["DescriptorUNet", "SelfSimilarityDescriptor"]
 
 
 def _block(in_channels: int, out_channels: int, strides: int = 1) -> Convolution:
-    return Convolution(3, in_channels, out_channels, strides=strides, kernel_size=3, act=("leakyrelu", {"negative_slope": 0.2}), norm="instance")
+    return Convolution(
+        3,
+        in_channels,
+        out_channels,
+        strides=strides,
+        kernel_size=3,
+        act=("leakyrelu", {"negative_slope": 0.2}),
+        norm="instance",
+    )
 
 
 class DescriptorUNet(nn.Module):
@@ -37,7 +45,9 @@ class DescriptorUNet(nn.Module):
             raise ValueError(f"channels gives the full-resolution and three coarser widths, got {list(channels)}.")
         c = list(channels)
         self.initial = nn.Sequential(_block(1, c[0]), _block(c[0], c[0]))
-        self.down = nn.ModuleList([nn.Sequential(_block(c[i], c[i + 1], strides=2), _block(c[i + 1], c[i + 1])) for i in range(3)])
+        self.down = nn.ModuleList(
+            [nn.Sequential(_block(c[i], c[i + 1], strides=2), _block(c[i + 1], c[i + 1])) for i in range(3)]
+        )
         self.up = nn.ModuleList([_block(c[i + 1] + c[i], c[i]) for i in range(2, -1, -1)])
         self.final = nn.Sequential(_block(c[0], c[0]), nn.Conv3d(c[0], out_channels, kernel_size=3, padding=1))
 
@@ -84,4 +94,3 @@ class SelfSimilarityDescriptor(nn.Module):
         # a reciprocal square root of the summed squares: forward and backward about twice as fast on the CPU as
         # F.normalize's channel norm; the tokens are positive, so the floor only guards the dtype
         return tokens * torch.rsqrt(tokens.square().sum(dim=1, keepdim=True).clamp_min(1e-24))
-

@@ -3,4 +3,4 @@ from .flow import NeuralODEFlow, sample_velocity
 from .solvers import SOLVERS, odeint
 from .velocity import VelocityNet
 
-__all__ = ["NeuralODEFlow", "SOLVERS", "VelocityNet", "odeint", "odeint_adjoint", "sample_velocity"]
+__all__ = ["SOLVERS", "NeuralODEFlow", "VelocityNet", "odeint", "odeint_adjoint", "sample_velocity"]

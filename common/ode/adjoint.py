@@ -45,7 +45,9 @@ class _AdjointFlow(torch.autograd.Function):
         return grad_y0, grad_theta, None, None, None
 
 
-def odeint_adjoint(func: Field, y0: torch.Tensor, theta: torch.Tensor, num_steps: int, method: str = "euler") -> torch.Tensor:
+def odeint_adjoint(
+    func: Field, y0: torch.Tensor, theta: torch.Tensor, num_steps: int, method: str = "euler"
+) -> torch.Tensor:
     """Solve ``dy/dt = func(y, theta)`` on ``[0, 1]``; gradients w.r.t. ``y0`` and ``theta`` by the adjoint method.
 
     Args:

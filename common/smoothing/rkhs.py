@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 
-def laplacian_eigenvalues(n: int, boundary: str, device: torch.device | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def laplacian_eigenvalues(
+    n: int, boundary: str, device: torch.device | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Eigenvalues of the negative 1D discrete Laplacian ``-(f[i-1] - 2 f[i] + f[i+1])`` on ``n`` points.
 
     ``"dirichlet"`` (zero beyond both ends, sine basis): ``2 - 2 cos(pi k / (n + 1))``, ``k = 1..n``.
@@ -59,7 +61,9 @@ class RKHSSmoother(nn.Module):
         self.alpha, self.gamma, self.s, self.boundary = float(alpha), float(gamma), float(s), boundary
         self._cache: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
-    def _operator(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _operator(
+        self, shape: Sequence[int], device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The symbol of ``K`` on ``shape`` (its rfft half for periodic) and the per-axis sine bases (Dirichlet)."""
         key = (tuple(shape), device, dtype)
         if key not in self._cache:

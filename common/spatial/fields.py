@@ -19,7 +19,12 @@ from monai.networks.blocks import DVF2DDF
 def _normalised_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Voxel centres of ``shape`` in ``grid_sample``'s corner-aligned [-1, 1] coordinates, array axis order:
     ``[1, *shape, len(shape)]``."""
-    axes = [torch.linspace(-1, 1, n, device=device, dtype=dtype) if n > 1 else torch.full((1,), -1.0, device=device, dtype=dtype) for n in shape]
+    axes = [
+        torch.linspace(-1, 1, n, device=device, dtype=dtype)
+        if n > 1
+        else torch.full((1,), -1.0, device=device, dtype=dtype)
+        for n in shape
+    ]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)[None]
 
 
@@ -47,14 +52,6 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     return F.grid_sample(image, grid.flip(-1), mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
-def compose_ddf(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``x -> y + first(y)`` with ``y = x + second(x)``: apply ``second`` then ``first``.
-
-    In pull-back terms, warping by the result equals warping by ``first`` and then by ``second``.
-    """
-    return second + warp(first, second)
-
-
 def scaling_and_squaring(velocity: torch.Tensor, num_steps: int = 7) -> torch.Tensor:
     """Group exponential of a stationary velocity field ``[B, 3, X, Y, Z]`` (voxels) by scaling and squaring."""
     return DVF2DDF(num_steps=num_steps, padding_mode="border")(velocity)
@@ -74,9 +71,7 @@ def resize_ddf(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(src) == tuple(shape):
         return ddf
     out = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
-    scale = torch.tensor(
-        [(m - 1) / max(n - 1, 1) for n, m in zip(src, shape)], dtype=ddf.dtype, device=ddf.device
-    )
+    scale = torch.tensor([(m - 1) / max(n - 1, 1) for n, m in zip(src, shape)], dtype=ddf.dtype, device=ddf.device)
     return out * scale.view(1, -1, *([1] * len(shape)))
 
 

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 
-def identity_grid(shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Voxel coordinates of a grid.
 
     Args:

@@ -112,7 +112,9 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        shared = self._contrast() if self.same_contrast_prob > 0 and self.R.uniform() < self.same_contrast_prob else None
+        shared = (
+            self._contrast() if self.same_contrast_prob > 0 and self.R.uniform() < self.same_contrast_prob else None
+        )
         for key, image_key in self.key_iterator(d, self.image_keys):
             labels = convert_to_tensor(d[key], track_meta=False)
             if labels.ndim != 4 or labels.shape[0] != 1:

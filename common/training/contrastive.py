@@ -68,7 +68,9 @@ class RandContrastViewsd(RandomizableTransform, MapTransform):
             image = convert_to_tensor(d.pop(self.image_key), track_meta=False)[0].float()
             views, mask = [image, image.clone()], (image > 0).float()
         else:
-            raise KeyError(f"each item needs a {self.label_key!r} or an {self.image_key!r} entry, got {sorted(map(str, d))}.")
+            raise KeyError(
+                f"each item needs a {self.label_key!r} or an {self.image_key!r} entry, got {sorted(map(str, d))}."
+            )
         d["view_a"], d["view_b"], d["mask"] = views[0][None], views[1][None], mask[None]
         return d
 
@@ -134,7 +136,9 @@ def corresponding_parts(
     return parts
 
 
-def retrieval_accuracy(a: torch.Tensor, b: torch.Tensor, num_samples: int = 1024, mask: torch.Tensor | None = None) -> float:
+def retrieval_accuracy(
+    a: torch.Tensor, b: torch.Tensor, num_samples: int = 1024, mask: torch.Tensor | None = None
+) -> float:
     """Top-1 voxel retrieval between two descriptor maps ``[B, C, *S]`` of one anatomy.
 
     ``num_samples`` voxels are drawn (inside ``mask``); a voxel of ``a`` counts as retrieved when its most similar

@@ -32,7 +32,13 @@ class TrainingCurve:
         name: file stem.
     """
 
-    def __init__(self, output_dir: PathLike, validator: Engine | None = None, loss_key: str = "loss", name: str = "training_curve") -> None:
+    def __init__(
+        self,
+        output_dir: PathLike,
+        validator: Engine | None = None,
+        loss_key: str = "loss",
+        name: str = "training_curve",
+    ) -> None:
         self.csv_path = Path(output_dir) / f"{name}.csv"
         self.png_path = Path(output_dir) / f"{name}.png"
         self.validator, self.loss_key = validator, loss_key

@@ -1,7 +1,7 @@
 """Glue between a bundle's config and the registration code: the pairs to register, the loop over them, outputs."""
 
-from .device import resolve_device
 from .cli import check_command_line, input_error_cause, switch
+from .device import resolve_device
 from .evaluator import RegistrationEvaluator, RegistrationOutputError
 from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
@@ -22,8 +22,8 @@ __all__ = [
     "RegistrationOutputError",
     "WarpMovingd",
     "build_pairs",
-    "check_command_line",
     "bundle_root",
+    "check_command_line",
     "input_error_cause",
     "region_mask",
     "resolve_device",

@@ -7,22 +7,22 @@ import math
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from ignite.engine import Engine
 from monai.data import Dataset
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import Transform
 
+from common.engine import PairRegistration
 from common.io import RegistrationInputError, check_device_memory, resample_to_grid
 
-from .device import resolve_device
 from .cli import input_error_cause, os_error_cause
+from .device import resolve_device
 from .handlers import PairOutputHandler
 from .pairs import PATH_KEYS
 
@@ -55,10 +55,8 @@ class RegistrationEvaluator(Evaluator):
     Args:
         device: where registration runs (``"auto"``: CUDA when available).
         dataset: items are pairs loaded by :class:`~common.workflow.LoadRegistrationPaird`.
-        inferer: per-pair optimiser, ``inferer(fixed, moving, network, spacing) -> ddf [1, 3, X, Y, Z]``, with a
-            ``stats`` dict (iterations per stage, stage times, final loss).
-        network: passed to the inferer: a callable building the transform model from a flow-grid shape (the Neural
-            ODE bundles' ``network_def``) or a trained registration network (tto_kd).
+        inferer: registers one pair (:class:`~common.engine.PairRegistration`): ``inferer(fixed, moving, spacing)``
+            returns the displacement and its :class:`~common.engine.RegistrationStats`.
         output_dir: where outputs go.
         postprocessing: transform of the per-pair output dict, e.g. warping and measuring.
         val_handlers: the writers and, for a datalist, :class:`~common.workflow.PairSummary`.
@@ -69,8 +67,7 @@ class RegistrationEvaluator(Evaluator):
         self,
         device: str | torch.device,
         dataset: Dataset,
-        inferer: Callable[..., torch.Tensor],
-        network: Callable[..., nn.Module],
+        inferer: PairRegistration,
         output_dir: str,
         postprocessing: Transform | None = None,
         val_handlers: Sequence | None = None,
@@ -83,7 +80,7 @@ class RegistrationEvaluator(Evaluator):
             val_handlers=val_handlers,
             decollate=False,
         )
-        self.dataset, self.inferer, self.network = dataset, inferer, network
+        self.dataset, self.inferer = dataset, inferer
         self.output_dir = Path(output_dir)
         self.memory_per_voxel = memory_per_voxel
         self.output_names = tuple(
@@ -117,7 +114,9 @@ class RegistrationEvaluator(Evaluator):
             engine.state.output["staging_dir"] = staging
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
             self._commit(staging, out)
-            logger.info(f"outputs written to {out.resolve()} ({engine.state.output['metrics']['time_s']['total']:.1f} s)")
+            logger.info(
+                f"outputs written to {out.resolve()} ({engine.state.output['metrics']['time_s']['total']:.1f} s)"
+            )
         except Exception as e:
             shutil.rmtree(staging, ignore_errors=True)
             cause = input_error_cause(e)
@@ -166,8 +165,8 @@ class RegistrationEvaluator(Evaluator):
                 output[key] = pair[key]
         output["moving_on_fixed"] = resample_to_grid(output["moving"], a_moving, a_fixed, shape)
         loaded = time.perf_counter()
-        output["ddf"] = self.inferer(output["fixed"][None], output["moving_on_fixed"][None], self.network, spacing)
-        output["stats"] = dict(self.inferer.stats)
+        result = self.inferer(output["fixed"][None], output["moving_on_fixed"][None], spacing)
+        output["ddf"], output["stats"] = result.ddf, result.stats
         output["time"] = {"start": start, "loaded": loaded, "registered": time.perf_counter()}
         return output
 

@@ -121,9 +121,9 @@ class MetricsWriter(PairOutputHandler):
             "device": str(device),
             "fixed": output["fixed_path"],
             "moving": output["moving_path"],
-            "iterations": sum(stats.get("iterations", [])),
-            "iterations_per_stage": stats.get("iterations", []),
-            "final_loss": stats.get("final_loss"),
+            "iterations": sum(stats.iterations),
+            "iterations_per_stage": stats.iterations,
+            "final_loss": stats.final_loss,
             **output["metrics"],
             "peak_memory_mb": peak_memory_mb(device),
         }
@@ -132,7 +132,7 @@ class MetricsWriter(PairOutputHandler):
             "total": done - times["start"],
             "load": times["loaded"] - times["start"],
             "register": times["registered"] - times["loaded"],
-            "stages": stats.get("stage_time_s", []),
+            "stages": stats.stage_time_s,
             "evaluate_and_write": done - times["registered"],
         }
         metrics["outputs"] = sorted(p.name for p in folder.iterdir()) + ["metrics.json"]

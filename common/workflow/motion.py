@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.config import PathLike
 from monai.data import MetaTensor
 
+from common.engine import PairRegistration
 from common.io import input_error, load_label, load_series, save_csv, save_ddf_itk, save_json, save_series
 from common.io.writers import atomic_write
 from common.metrics import nonpositive_jacobian_percent
@@ -81,8 +81,7 @@ class MotionCorrector:
     ``metrics.json`` (reference, times, % non-positive det J per frame).
 
     Args:
-        inferer: ``(fixed [1, 1, X, Y, Z], moving, network, spacing) -> ddf [1, 3, X, Y, Z]`` (voxels, pull-back).
-        network: passed to the inferer (e.g. the trained student).
+        inferer: registers one pair (:class:`~common.engine.PairRegistration`), e.g. the trained student with TTO.
         output_dir: where outputs go.
         device: where registration runs.
         reference: the reference frame's index; None: the middle frame (``T // 2``).
@@ -91,14 +90,13 @@ class MotionCorrector:
 
     def __init__(
         self,
-        inferer: Callable[..., torch.Tensor],
-        network: nn.Module,
+        inferer: PairRegistration,
         output_dir: PathLike,
         device: str | torch.device | None = None,
         reference: int | None = None,
         bundle_name: str = "",
     ) -> None:
-        self.inferer, self.network = inferer, network
+        self.inferer = inferer
         self.output_dir, self.device = Path(output_dir), resolve_device(device)
         self.reference, self.bundle_name = reference, bundle_name
 
@@ -125,7 +123,7 @@ class MotionCorrector:
                 corrected[t] = data[t]
             else:
                 logger.info(f"frame {t} -> reference frame {ref} ({t + 1} of {count})")
-                ddf = self.inferer(data[ref][None, None], data[t][None, None], self.network, spacing).detach()
+                ddf = self.inferer(data[ref][None, None], data[t][None, None], spacing).ddf.detach()
                 with torch.no_grad():
                     corrected[t] = warp(data[t][None, None], ddf)[0, 0]
             save_ddf_itk(ddf[0].cpu(), affine.numpy(), fields / f"ddf_t{t:03d}.nii.gz")

@@ -43,7 +43,7 @@ def _datalist_pairs(datalist: str) -> list[dict[str, Any]]:
     pairs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("fixed") or not entry.get("moving"):
-            raise RegistrationInputError(f"datalist '{datalist}': pair {i} needs \"fixed\" and \"moving\" paths")
+            raise RegistrationInputError(f'datalist \'{datalist}\': pair {i} needs "fixed" and "moving" paths')
         pair = {k: str((path.parent / entry[k]).resolve()) for k in PATH_KEYS if entry.get(k)}
         pair["id"] = str(entry.get("id") or f"{i:03d}_{Path(entry['moving']).name.split('.')[0]}")
         if pair["id"] in (".", "..") or Path(pair["id"]).name != pair["id"] or "\\" in pair["id"]:

@@ -106,7 +106,10 @@ class RegistrationMetricsd(MapTransform):
             metrics["hd95_mm"] = {k: v[1] for k, v in scores.items()}
         if "fixed_landmarks" in d:
             fixed_pts, moving_pts, affine = d["fixed_landmarks"], d["moving_landmarks"], d["fixed_affine"]
-            errors = {"before": tre(fixed_pts, moving_pts, torch.zeros_like(ddf), affine), "after": tre(fixed_pts, moving_pts, ddf, affine)}
+            errors = {
+                "before": tre(fixed_pts, moving_pts, torch.zeros_like(ddf), affine),
+                "after": tre(fixed_pts, moving_pts, ddf, affine),
+            }
             metrics["tre_mm"] = {k: {"mean": float(v.mean()), "per_point": v.tolist()} for k, v in errors.items()}
         for key in self.keys:
             d[key] = {**d.get(key, {}), **metrics}

@@ -16,6 +16,7 @@ from monai.utils import convert_to_tensor
 from common.spatial.fields import resize_ddf
 
 from .optimizer import BestState, create_pair_engine
+from .protocols import RegistrationResult, RegistrationStats
 from .registration import downsample_image
 
 
@@ -38,6 +39,7 @@ class TestTimeOptimizationInferer(Inferer):
     the displacement, resampled onto the image grid. The network given is left unchanged.
 
     Args:
+        network: the trained network; it is copied, never changed.
         loss: ``(ddf, fixed, moving) -> scalar`` on the working grid, e.g. :class:`common.losses.PairRegistrationLoss`.
         iterations: optimisation steps; 0 uses the network as trained (no TTO).
         time_budget_s: stop after this many seconds (None: no limit).
@@ -45,10 +47,12 @@ class TestTimeOptimizationInferer(Inferer):
         spacing_mm: voxel size of the working grid (the one the network was trained at); None keeps the image's.
         multiple: the working grid's sides are multiples of this (16 for a U-Net with four poolings).
         progress: show a progress bar.
+        normalize: intensity transform of each image; None: the 0.5 and 99.5 percentiles mapped to 0 and 1, clipped.
     """
 
     def __init__(
         self,
+        network: nn.Module,
         loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         iterations: int = 100,
         time_budget_s: float | None = 60.0,
@@ -56,32 +60,30 @@ class TestTimeOptimizationInferer(Inferer):
         spacing_mm: float | None = None,
         multiple: int = 16,
         progress: bool = True,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        self.network = network
         self.loss, self.iterations, self.time_budget_s = loss, iterations, time_budget_s
         self.learning_rate, self.spacing_mm, self.multiple = learning_rate, spacing_mm, multiple
         self.progress = progress
-        self.normalise = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
-        self.stats: dict = {}
+        self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
 
     def __call__(  # type: ignore[override]
-        self, fixed: torch.Tensor, moving: torch.Tensor, network: nn.Module, spacing: Sequence[float]
-    ) -> torch.Tensor:
-        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` mm.
-
-        Returns:
-            displacement ``[1, 3, X, Y, Z]`` in voxels of that grid (pull-back: warped(x) = moving(x + u(x))).
-        """
+        self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]
+    ) -> RegistrationResult:
+        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` mm; the
+        result's grid is the working grid."""
         shape = tuple(fixed.shape[2:])
         grid = working_shape(shape, spacing, self.spacing_mm, self.multiple)
         fixed_w, moving_w = (
-            downsample_image(convert_to_tensor(self.normalise(x.float()), track_meta=False), grid)
+            downsample_image(convert_to_tensor(self.normalize(x.float()), track_meta=False), grid)
             for x in (fixed, moving)
         )
         pair = torch.cat([moving_w, fixed_w], dim=1)
-        model = copy.deepcopy(network).to(fixed.device).train()
+        model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
-        self.stats = {"iterations": [0], "stage_time_s": [0.0], "final_loss": math.nan, "working_shape": list(grid)}
+        stats = RegistrationStats(iterations=[0], grid=list(grid))
         if self.iterations > 0:
             optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
             best = BestState()
@@ -103,7 +105,7 @@ class TestTimeOptimizationInferer(Inferer):
             )
             engine.run(range(self.iterations), max_epochs=1)
             best.restore(model)
-            self.stats.update(iterations=[engine.state.iteration], final_loss=best.loss)
-        self.stats["stage_time_s"] = [time.perf_counter() - start]
+            stats.iterations, stats.final_loss = [engine.state.iteration], best.loss
+        stats.stage_time_s = [time.perf_counter() - start]
         with torch.no_grad():
-            return resize_ddf(model.eval()(pair), shape)
+            return RegistrationResult(resize_ddf(model.eval()(pair), shape), stats)

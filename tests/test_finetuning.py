@@ -37,9 +37,12 @@ def test_tto_registers_a_pair_and_leaves_the_network_unchanged():
     before = {k: v.clone() for k, v in net.state_dict().items()}
 
     loss = PairRegistrationLoss(mi_weight=0.0, ncc_weight=1.0, smoothness_weight=1.0, image_sigma=1.0)
-    inferer = TestTimeOptimizationInferer(loss, iterations=60, time_budget_s=None, learning_rate=1e-3, progress=False)
-    ddf = inferer(fixed, moving, net, spacing=(1.0, 1.0, 1.0))
-    assert ddf.shape == (1, 3, 30, 34, 28) and inferer.stats["working_shape"] == [32, 48, 32]
+    inferer = TestTimeOptimizationInferer(
+        net, loss, iterations=60, time_budget_s=None, learning_rate=1e-3, progress=False
+    )
+    result = inferer(fixed, moving, spacing=(1.0, 1.0, 1.0))
+    ddf = result.ddf
+    assert ddf.shape == (1, 3, 30, 34, 28) and result.stats.grid == [32, 48, 32]
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
     warped = warp(moving_labels[None, None].float(), ddf, mode="nearest")[0, 0].long()
@@ -48,8 +51,8 @@ def test_tto_registers_a_pair_and_leaves_the_network_unchanged():
     assert dice_after > dice_before + 0.05, (dice_before, dice_after)  # measured: 0.847 -> 0.927
     assert (jacobian_determinant(ddf) > 0).float().mean() > 0.999
     # without iterations the network's own (near-identity) output comes back
-    untuned = TestTimeOptimizationInferer(loss, iterations=0, progress=False)(fixed, moving, net, (1.0, 1.0, 1.0))
-    assert untuned.abs().max() < 0.01
+    untuned = TestTimeOptimizationInferer(net, loss, iterations=0, progress=False)(fixed, moving, (1.0, 1.0, 1.0))
+    assert untuned.ddf.abs().max() < 0.01 and untuned.stats.iterations == [0]
 
 
 def test_pair_loss_prefers_the_aligning_field_and_distils_from_a_teacher():

@@ -1,0 +1,2 @@
+"""Benchmarks of the collection against its peers (ANTs, ConvexAdam, elastix), run from the repository root:
+``python -m benchmarks.run_benchmark``."""

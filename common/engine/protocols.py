@@ -1,0 +1,57 @@
+"""What the registration engines expect of their collaborators, and what they give back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["LocalDescriptor", "PairRegistration", "PatchSimilarity", "RegistrationResult", "RegistrationStats"]
+
+
+@runtime_checkable
+class LocalDescriptor(Protocol):
+    """A descriptor ``[B, 1, X, Y, Z] -> [B, C, X, Y, Z]`` whose value at a voxel depends only on image values within
+    ``reach`` voxels of it (MIND-SSC), so that it can be computed on a block grown by ``reach``."""
+
+    reach: int
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PatchSimilarity(Protocol):
+    """A similarity ``(pred, target) -> scalar`` that compares cubic patches of ``patch_size`` voxels a side (local MI):
+    given voxels in whole consecutive patches, it compares each patch."""
+
+    patch_size: int
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class RegistrationStats:
+    """How a registration ran: optimiser steps and seconds per stage, the loss it ended with, its working grid."""
+
+    iterations: list[int] = field(default_factory=list)
+    stage_time_s: list[float] = field(default_factory=list)
+    final_loss: float = math.nan
+    grid: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RegistrationResult:
+    """A pair's displacement ``ddf`` ``[1, 3, X, Y, Z]`` in voxels of the fixed grid (pull-back: warped(x) =
+    moving(x + ddf(x))) and how it was found."""
+
+    ddf: torch.Tensor
+    stats: RegistrationStats
+
+
+class PairRegistration(Protocol):
+    """Registers ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` (mm)."""
+
+    def __call__(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]) -> RegistrationResult: ...
