@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from common.engine import TestTimeOptimizationInferer, working_shape
-from common.losses import GlobalNormalizedCrossCorrelationLoss, PairRegistrationLoss
+from common.losses import (
+    DisplacementDivergenceLoss,
+    DisplacementSmoothnessLoss,
+    EndPointErrorLoss,
+    GlobalNormalizedCrossCorrelationLoss,
+    ImageSimilarity,
+    MultiAxisMutualInformationLoss,
+    RegistrationObjective,
+    TeacherDistillationLoss,
+    WarpedLabelDiceLoss,
+)
 from common.metrics import dice_per_label, mean_dict
 from common.networks import DisplacementUNet
 from common.spatial import jacobian_determinant, warp
@@ -36,7 +46,7 @@ def test_tto_registers_a_pair_and_leaves_the_network_unchanged():
     net = _small_unet()
     before = {k: v.clone() for k, v in net.state_dict().items()}
 
-    loss = PairRegistrationLoss(mi_weight=0.0, ncc_weight=1.0, smoothness_weight=1.0, image_sigma=1.0)
+    loss = _objective(image_sigma=1.0, ncc=1.0, smoothness=1.0)
     inferer = TestTimeOptimizationInferer(
         net, loss, iterations=60, time_budget_s=None, learning_rate=1e-3, progress=False
     )
@@ -55,36 +65,55 @@ def test_tto_registers_a_pair_and_leaves_the_network_unchanged():
     assert untuned.ddf.abs().max() < 0.01 and untuned.stats.iterations == [0]
 
 
-def test_pair_loss_prefers_the_aligning_field_and_distils_from_a_teacher():
+def _objective(image_sigma: float = 0.0, **weights: float) -> RegistrationObjective:
+    """The terms TTO-KD uses, weighted as given (0 for the others)."""
+    terms = {
+        "mi": ImageSimilarity(MultiAxisMutualInformationLoss(num_bins=8)),
+        "ncc": ImageSimilarity(GlobalNormalizedCrossCorrelationLoss()),
+        "smoothness": DisplacementSmoothnessLoss(),
+        "divergence": DisplacementDivergenceLoss(),
+        "distillation": TeacherDistillationLoss(MultiAxisMutualInformationLoss(num_bins=8)),
+        "label": WarpedLabelDiceLoss(),
+        "field": EndPointErrorLoss(),
+    }
+    return RegistrationObjective(terms, {name: weights.get(name, 0.0) for name in terms}, image_sigma=image_sigma)
+
+
+def test_objective_prefers_the_aligning_field_and_distils_from_a_teacher():
     labels = phantom_labels((30, 34, 28))
     fixed = torch.as_tensor(render_contrast(labels, "t2", seed=1))[None, None]
     moving = torch.roll(torch.as_tensor(render_contrast(labels, "t1", seed=2))[None, None], 2, dims=2)
     aligning = torch.zeros(1, 3, 30, 34, 28)
     aligning[:, 0] = 2.0  # moving(x + 2 e_x) = t1(x): the pair aligned
-    loss = PairRegistrationLoss(smoothness_weight=1.0, divergence_weight=1.0, image_sigma=1.0)
-    assert loss(aligning, fixed, moving) < loss(torch.zeros_like(aligning), fixed, moving) - 0.05
-    assert set(loss.terms) == {"mi", "smoothness", "divergence"}
+    pair = {"fixed": fixed, "moving": moving}
+    loss = _objective(image_sigma=1.0, mi=1.0, smoothness=1.0, divergence=1.0)
+    assert loss(ddf=aligning, **pair) < loss(ddf=torch.zeros_like(aligning), **pair) - 0.05
+    assert set(loss.values) == {"mi", "smoothness", "divergence"}
     # the distillation term scores a student by how closely it warps like the teacher
-    student = PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0, distillation_weight=1.0)
-    assert student(aligning, fixed, moving, aligning) < student(torch.zeros_like(aligning), fixed, moving, aligning)
-    with pytest.raises(ValueError, match="teacher"):
-        student(aligning, fixed, moving)
+    student = _objective(distillation=1.0)
+    assert student(ddf=aligning, teacher_ddf=aligning, **pair) < student(ddf=0 * aligning, teacher_ddf=aligning, **pair)
+    with pytest.raises(ValueError, match="teacher_ddf"):
+        student(ddf=aligning, **pair)
     # the label term (SynthMorph's supervision of synthetic pairs) is zero for the aligning field, whatever the values
-    anatomical = PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0, label_weight=1.0)
-    fixed_label = torch.as_tensor(labels)[None, None].long()
-    moving_label = torch.roll(fixed_label, 2, dims=2)
-    assert anatomical(aligning, fixed, moving, None, fixed_label, moving_label) < 1e-4
-    assert anatomical(torch.zeros_like(aligning), fixed, moving, None, fixed_label, moving_label) > 0.1
-    with pytest.raises(ValueError, match="label maps"):
-        anatomical(aligning, fixed, moving)
+    anatomical = _objective(label=1.0)
+    labels_ = {"fixed_label": torch.as_tensor(labels)[None, None].long()}
+    labels_["moving_label"] = torch.roll(labels_["fixed_label"], 2, dims=2)
+    assert anatomical(ddf=aligning, **pair, **labels_) < 1e-4
+    assert anatomical(ddf=torch.zeros_like(aligning), **pair, **labels_) > 0.1
+    with pytest.raises(ValueError, match="fixed_label, moving_label"):
+        anatomical(ddf=aligning, **pair)
     # the field term is the mean end-point error against a known displacement, in voxels
-    supervised = PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0, field_weight=1.0)
-    assert supervised(aligning, fixed, moving, target_ddf=aligning) < 1e-2
-    assert supervised(torch.zeros_like(aligning), fixed, moving, target_ddf=aligning) == pytest.approx(2.0, abs=1e-3)
-    with pytest.raises(ValueError, match="known displacement"):
-        supervised(aligning, fixed, moving)
+    supervised = _objective(field=1.0)
+    assert supervised(ddf=aligning, target_ddf=aligning) < 1e-2
+    assert supervised(ddf=torch.zeros_like(aligning), target_ddf=aligning) == pytest.approx(2.0, abs=1e-3)
+    with pytest.raises(ValueError, match="target_ddf"):
+        supervised(ddf=aligning, **pair)
     with pytest.raises(ValueError, match="non-zero"):
-        PairRegistrationLoss(mi_weight=0.0, smoothness_weight=0.0)
+        _objective()
+    with pytest.raises(ValueError, match="one weight per term"):
+        RegistrationObjective({"smoothness": DisplacementSmoothnessLoss()}, {"mi": 1.0})
+    with pytest.raises(TypeError, match="inputs"):
+        RegistrationObjective({"mse": torch.nn.MSELoss()}, {"mse": 1.0})
 
 
 def test_global_ncc_is_minus_one_for_an_affine_copy_and_near_zero_for_noise():

@@ -65,7 +65,7 @@ def test_patch_samples_give_the_same_value_as_the_volume():
 def test_inferer_draws_whole_patches_for_a_patch_similarity():
     similarity = LocalMutualInformationLoss(patch_size=3)
     assert isinstance(similarity, PatchSimilarity) and not isinstance(torch.nn.MSELoss(), PatchSimilarity)
-    inferer = InstanceOptimizationInferer(lambda shape: None, similarity, sample_points=270)
+    inferer = InstanceOptimizationInferer(lambda shape: None, None, similarity, sample_points=270)
     points = inferer._random_points((10, 12, 9), torch.device("cpu")).view(-1, 27, 3)
     assert points.shape[0] == 10 and int(points.max()) <= 11 and int(points.min()) >= 0
     spans = points.amax(1) - points.amin(1)

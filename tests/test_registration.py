@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from common.engine import BestState, InstanceOptimizationInferer
-from common.losses import MINDSSC
+from common.losses import (
+    MINDSSC,
+    DisplacementSmoothnessLoss,
+    EngineTerm,
+    JacobianBarrierLoss,
+    RegistrationObjective,
+    VelocityMagnitudeLoss,
+)
 from common.metrics import dice_per_label, mean_dict
 from common.ode import NeuralODEFlow, VelocityNet
 from common.smoothing import RKHSSmoother
@@ -25,6 +32,15 @@ NETWORK = functools.partial(
 def _inferer(**overrides) -> InstanceOptimizationInferer:
     options = dict(
         model_factory=NETWORK,
+        objective=RegistrationObjective(
+            {
+                "similarity": EngineTerm(),
+                "jacobian": JacobianBarrierLoss(0.5),
+                "smoothness": DisplacementSmoothnessLoss(),
+                "magnitude": VelocityMagnitudeLoss(),
+            },
+            {"similarity": 1.0, "jacobian": 2.5, "smoothness": 0.05, "magnitude": 5e-5},
+        ),
         similarity=torch.nn.MSELoss(),
         descriptor=MINDSSC(radius=1, dilation=1),
         warp_descriptor=True,

@@ -13,6 +13,7 @@ from monai.inferers import Inferer
 from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
+from common.losses.objective import RegistrationObjective
 from common.spatial.fields import resize_ddf
 
 from .optimizer import BestState, create_pair_engine
@@ -34,13 +35,14 @@ class TestTimeOptimizationInferer(Inferer):
     fine-tuned on that pair alone (the TTO of TTO-KD).
 
     Both images are scaled to ``[0, 1]`` (0.5 and 99.5 percentiles) and resampled, field of view matched corner to
-    corner, onto :func:`working_shape`; a copy of the network is optimised with ``loss`` by Adam for at most
+    corner, onto :func:`working_shape`; a copy of the network is optimised with ``objective`` by Adam for at most
     ``iterations`` steps or ``time_budget_s`` seconds, whichever comes first; the parameters at the lowest loss give
     the displacement, resampled onto the image grid. The network given is left unchanged.
 
     Args:
         network: the trained network; it is copied, never changed.
-        loss: ``(ddf, fixed, moving) -> scalar`` on the working grid, e.g. :class:`common.losses.PairRegistrationLoss`.
+        objective: the :class:`~common.losses.RegistrationObjective` minimised, given ``ddf``, ``fixed`` and ``moving``
+            on the working grid.
         iterations: optimisation steps; 0 uses the network as trained (no TTO).
         time_budget_s: stop after this many seconds (None: no limit).
         learning_rate: Adam learning rate.
@@ -53,7 +55,7 @@ class TestTimeOptimizationInferer(Inferer):
     def __init__(
         self,
         network: nn.Module,
-        loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        objective: RegistrationObjective,
         iterations: int = 100,
         time_budget_s: float | None = 60.0,
         learning_rate: float = 1e-3,
@@ -64,7 +66,7 @@ class TestTimeOptimizationInferer(Inferer):
     ) -> None:
         super().__init__()
         self.network = network
-        self.loss, self.iterations, self.time_budget_s = loss, iterations, time_budget_s
+        self.objective, self.iterations, self.time_budget_s = objective, iterations, time_budget_s
         self.learning_rate, self.spacing_mm, self.multiple = learning_rate, spacing_mm, multiple
         self.progress = progress
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
@@ -90,7 +92,7 @@ class TestTimeOptimizationInferer(Inferer):
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.loss(model(pair), fixed_w, moving_w)
+                loss = self.objective(ddf=model(pair), fixed=fixed_w, moving=moving_w)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()

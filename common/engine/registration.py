@@ -14,7 +14,7 @@ from monai.inferers import Inferer
 from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
-from common.losses.regularizers import DisplacementSmoothnessLoss, JacobianBarrierLoss, VelocityMagnitudeLoss
+from common.losses.objective import RegistrationObjective
 from common.spatial import block_points, random_blocks, random_voxels, resize_ddf, scaled_shape, warp, warp_at
 
 from .optimizer import BestState, create_pair_engine
@@ -37,17 +37,21 @@ def downsample_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 class InstanceOptimizationInferer(Inferer):
     """Register a pair by optimising a transform model's parameters on that pair alone.
 
-    The transform model, built by ``model_factory(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow grid
-    ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). Its loss is
-    ``w_sim similarity(D(warped), D(fixed)) + w_J JacobianBarrier + w_s Smoothness + w_v Magnitude``, with ``D`` the
-    descriptor (identity when None), optimised with Adam over ``levels`` (coarse to fine image grids), each for its
-    number of ``iterations``. Each stage ends with the parameters of its lowest loss, except a stage that compares
-    random voxels (:meth:`is_sampled`), which ends with its last parameters.
+    The transform model, built by ``model_factory(shape=flow_shape)``, returns ``(displacement, velocity)`` on a flow
+    grid ``flow_downsample`` times coarser than the image (e.g. :class:`common.ode.NeuralODEFlow`). It minimises
+    ``objective`` (:class:`~common.losses.RegistrationObjective`) with Adam over ``levels`` (coarse to fine image
+    grids), each for its number of ``iterations``; the objective's inputs are ``similarity`` (computed here:
+    ``similarity(D(warped), D(fixed))`` with ``D`` the descriptor, identity when None, over all voxels or random
+    ones), ``ddf`` (the displacement on the flow grid) and ``velocity``. Each stage ends with the parameters of its
+    lowest loss, except a stage that compares random voxels (:meth:`is_sampled`), which ends with its last parameters.
 
     Args:
         model_factory: builds the transform model for a flow grid, ``model_factory(shape=(X, Y, Z)) -> nn.Module``
             (e.g. a bundle's ``network_def`` in callable mode).
-        similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``.
+        objective: the weighted terms minimised, e.g. the similarity, a Jacobian barrier, smoothness and the
+            velocity's magnitude.
+        similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``, passed to the objective as
+            its input ``similarity``.
         descriptor: module ``[1, 1, X, Y, Z] -> [1, C, X, Y, Z]``, or None to compare intensities.
         warp_descriptor: warp the moving image's descriptor (computed once per stage) instead of recomputing the
             descriptor of the warped image every iteration; faster, and equal for smooth deformations. One flag for
@@ -63,13 +67,8 @@ class InstanceOptimizationInferer(Inferer):
             than its stages down to 2 mm.
         iterations: Adam steps at each stage; a stage of 0 is skipped.
         learning_rate: Adam learning rate.
-        similarity_weight: weight ``w_sim`` of the similarity, to put descriptors of another scale (unit-norm learned
-            descriptors have per-channel differences far below MIND's) on the footing the regulariser weights assume.
         flow_downsample: the flow grid's isotropic voxel size as a multiple of the image's finest voxel size (2: a
             2 mm flow grid for a 1 mm image, 4 mm for 2 mm; never finer than the image along any axis).
-        jacobian_weight, jacobian_epsilon: weight and threshold of the penalty barrier on ``det J``.
-        smoothness_weight: weight of the displacement's squared forward differences.
-        magnitude_weight: weight of the squared velocity.
         time_budget_s: stop after this many seconds over all stages (None: no limit).
         patience, tolerance: convergence stopping per stage (see :func:`create_pair_engine`); 0 disables.
         initial_weights: path of a state dict loaded (non-strictly) into the model before optimisation.
@@ -91,6 +90,7 @@ class InstanceOptimizationInferer(Inferer):
     def __init__(
         self,
         model_factory: Callable[..., nn.Module],
+        objective: RegistrationObjective,
         similarity: nn.Module,
         descriptor: nn.Module | None = None,
         warp_descriptor: bool | Sequence[bool] = False,
@@ -99,11 +99,6 @@ class InstanceOptimizationInferer(Inferer):
         iterations: Sequence[int] = (250, 50),
         learning_rate: float = 5e-3,
         flow_downsample: float = 2.0,
-        similarity_weight: float = 1.0,
-        jacobian_weight: float = 2.5,
-        jacobian_epsilon: float = 0.5,
-        smoothness_weight: float = 0.05,
-        magnitude_weight: float = 5e-5,
         time_budget_s: float | None = None,
         patience: int = 0,
         tolerance: float = 1e-3,
@@ -131,10 +126,7 @@ class InstanceOptimizationInferer(Inferer):
         if min(self.iterations) < 0:
             raise ValueError(f"iterations {self.iterations} must not be negative.")
         self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
-        self.weights = (similarity_weight, jacobian_weight, smoothness_weight, magnitude_weight)
-        self.jacobian = JacobianBarrierLoss(jacobian_epsilon)
-        self.smoothness = DisplacementSmoothnessLoss()
-        self.magnitude = VelocityMagnitudeLoss()
+        self.objective = objective
         self.time_budget_s, self.patience, self.tolerance = time_budget_s, patience, tolerance
         self.initial_weights, self.seed, self.progress = initial_weights, seed, progress
         self.sample_points, self.sample_block = sample_points, sample_block
@@ -227,7 +219,6 @@ class InstanceOptimizationInferer(Inferer):
         flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
         model = self.build_model(flow_shape, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
-        w_sim, w_jac, w_smooth, w_mag = self.weights
         start = time.perf_counter()
         stats = RegistrationStats(grid=list(flow_shape))
 
@@ -262,18 +253,13 @@ class InstanceOptimizationInferer(Inferer):
             def step(source=source, target=target, warp_descriptor=warp_descriptor, best=best) -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
                 displacement, velocity = model()
-                sim = w_sim * self._similarity(displacement, source, target, warp_descriptor)
-                reg = (
-                    w_jac * self.jacobian(displacement)
-                    + w_smooth * self.smoothness(displacement)
-                    + w_mag * self.magnitude(velocity)
-                )
-                loss = sim + reg
+                sim = self._similarity(displacement, source, target, warp_descriptor)
+                loss = self.objective(similarity=sim, ddf=displacement, velocity=velocity)
                 loss.backward()
                 if best is not None:
                     best.update(loss.item(), model)
                 optimizer.step()
-                return {"loss": loss.item(), "similarity": sim.item()}
+                return {"loss": loss.item(), **self.objective.values}
 
             remaining = None if self.time_budget_s is None else self.time_budget_s - (time.perf_counter() - start)
             if remaining is not None and remaining <= 0:

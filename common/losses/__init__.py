@@ -8,7 +8,16 @@ from .mutual_information import (
     parzen_weights,
     patch_groups,
 )
-from .pair import PairRegistrationLoss, joint_one_hot
+from .objective import (
+    EndPointErrorLoss,
+    EngineTerm,
+    ImageSimilarity,
+    RegistrationObjective,
+    RegistrationTerm,
+    TeacherDistillationLoss,
+    WarpedLabelDiceLoss,
+    joint_one_hot,
+)
 from .regularizers import (
     DisplacementDivergenceLoss,
     DisplacementSmoothnessLoss,
@@ -20,13 +29,19 @@ __all__ = [
     "MINDSSC",
     "DisplacementDivergenceLoss",
     "DisplacementSmoothnessLoss",
+    "EndPointErrorLoss",
+    "EngineTerm",
     "GlobalNormalizedCrossCorrelationLoss",
+    "ImageSimilarity",
     "JacobianBarrierLoss",
     "LocalMutualInformationLoss",
     "MultiAxisMutualInformationLoss",
-    "PairRegistrationLoss",
+    "RegistrationObjective",
+    "RegistrationTerm",
+    "TeacherDistillationLoss",
     "VelocityMagnitudeLoss",
     "VoxelInfoNCELoss",
+    "WarpedLabelDiceLoss",
     "grouped_mutual_information",
     "joint_one_hot",
     "mind_ssc",

@@ -19,6 +19,8 @@ class JacobianBarrierLoss(nn.Module):
         epsilon: smallest volume ratio that goes unpenalised.
     """
 
+    inputs = ("ddf",)
+
     def __init__(self, epsilon: float = 0.5) -> None:
         super().__init__()
         self.epsilon = epsilon
@@ -30,6 +32,8 @@ class JacobianBarrierLoss(nn.Module):
 class DisplacementSmoothnessLoss(nn.Module):
     """Mean squared forward difference of the displacement along each axis (a diffusion regulariser)."""
 
+    inputs = ("ddf",)
+
     def forward(self, ddf: torch.Tensor) -> torch.Tensor:
         terms = [torch.diff(ddf, dim=d).pow(2).mean() for d in range(2, ddf.ndim)]
         return torch.stack(terms).sum()
@@ -38,6 +42,8 @@ class DisplacementSmoothnessLoss(nn.Module):
 class VelocityMagnitudeLoss(nn.Module):
     """Mean squared velocity, which favours short paths (a small-deformation prior)."""
 
+    inputs = ("velocity",)
+
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         return velocity.pow(2).mean()
 
@@ -45,6 +51,8 @@ class VelocityMagnitudeLoss(nn.Module):
 class DisplacementDivergenceLoss(nn.Module):
     """Mean squared divergence of the displacement, ``mean((div u)^2)``: penalises local volume change (expansion and
     compression alike) and so favours near-incompressible deformations (the TTO-KD paper's divergence term)."""
+
+    inputs = ("ddf",)
 
     def forward(self, ddf: torch.Tensor) -> torch.Tensor:
         jacobian = spatial_gradient(ddf)  # d(x_i + u_i)/dx_j: its trace is 3 + div u

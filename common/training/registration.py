@@ -29,8 +29,8 @@ def _pair(engine: Engine, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tens
 class PairRegistrationIteration:
     """One training step of a network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]`` (voxels).
 
-    The loss is ``engine.loss_function(ddf, fixed, moving, teacher_ddf, **known)``
-    (:class:`common.losses.PairRegistrationLoss`); with a ``teacher`` (a trained network, frozen by
+    The loss is ``engine.loss_function(ddf=..., fixed=..., moving=..., teacher_ddf=..., **known)``
+    (a :class:`common.losses.RegistrationObjective`); with a ``teacher`` (a trained network, frozen by
     :func:`common.networks.frozen` and on the training device) its displacement for the same pair is passed on for
     distillation, else None; ``known`` holds what the batch knows of the pair among :attr:`known_keys` (the label maps
     of a synthetic pair, the displacement it was made with).
@@ -50,11 +50,12 @@ class PairRegistrationIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         known = {k: batch[k].to(fixed.device) for k in self.known_keys if k in batch}
-        loss = engine.loss_function(engine.network(pair), fixed, moving, teacher_ddf, **known)
+        loss = engine.loss_function(
+            ddf=engine.network(pair), fixed=fixed, moving=moving, teacher_ddf=teacher_ddf, **known
+        )
         loss.backward()
         engine.optimizer.step()
-        terms = getattr(engine.loss_function, "terms", {})
-        return {"loss": loss.item(), **terms}
+        return {"loss": loss.item(), **engine.loss_function.values}
 
 
 class PairDiceIteration:
