@@ -430,3 +430,25 @@ def test_a_full_disk_fails_each_pair_clearly_and_keeps_the_summary(pair, tmp_pat
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]
     assert [r.split(",")[:2] for r in rows] == [["a", "failed"], ["b", "failed"]]
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "summary.csv"]
+
+
+@pytest.mark.parametrize("bundle", ["node_mind", "node_lmi", "node_contrastive"])
+def test_the_shipped_initial_weights_are_reproduced_into_a_new_file(bundle, tmp_path):
+    """``--run_id save_initial_weights`` writes the velocity network's initial weights, equal to the shipped file, into
+    the output folder, and refuses to write over an existing file."""
+    config = REPO / "bundles" / bundle / "configs" / "inference.json"
+    workflow = ConfigWorkflow(
+        config_file=str(config), workflow_type="infer", run_id="save_initial_weights", output_dir=str(tmp_path)
+    )
+    workflow.initialize()
+    workflow.run()
+    made = torch.load(tmp_path / "velocity_net_init.pt", weights_only=True)
+    shipped = torch.load(REPO / "bundles" / bundle / "models" / "velocity_net_init.pt", weights_only=True)
+    assert made.keys() == shipped.keys() and all(torch.equal(made[k], shipped[k]) for k in made)
+    again = ConfigWorkflow(
+        config_file=str(config), workflow_type="infer", run_id="save_initial_weights", output_dir=str(tmp_path)
+    )
+    again.initialize()
+    with pytest.raises(RuntimeError) as failure:
+        again.run()
+    assert "never over one" in str(input_error_cause(failure.value))

@@ -1,6 +1,6 @@
 """Reading, validating, resampling and writing images, labels, landmarks and displacement fields."""
 
-from .errors import RegistrationInputError, input_error
+from .errors import RegistrationInputError, RegistrationOutputError, input_error
 from .image import (
     available_memory_bytes,
     check_device_memory,
@@ -16,6 +16,7 @@ from .writers import atomic_write, save_csv, save_ddf_itk, save_image, save_json
 
 __all__ = [
     "RegistrationInputError",
+    "RegistrationOutputError",
     "atomic_write",
     "available_memory_bytes",
     "check_device_memory",

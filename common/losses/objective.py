@@ -99,9 +99,16 @@ class WarpedLabelDiceLoss(nn.Module):
 
 
 class EndPointErrorLoss(nn.Module):
-    """Mean end-point error (voxels) of ``ddf`` against a known displacement ``target_ddf``."""
+    """Mean end-point error (voxels) of ``ddf`` against a reference displacement (no gradient reaches it).
 
-    inputs = ("ddf", "target_ddf")
+    Args:
+        target: the input holding the reference: ``"target_ddf"`` (a known displacement) or ``"teacher_ddf"`` (a
+            teacher's, to distil its field directly).
+    """
+
+    def __init__(self, target: str = "target_ddf") -> None:
+        super().__init__()
+        self.inputs = ("ddf", target)
 
     def forward(self, ddf: torch.Tensor, target_ddf: torch.Tensor) -> torch.Tensor:
         # the small constant keeps the gradient of the norm finite where the error is exactly 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from common.io import RegistrationOutputError
+from common.io.writers import atomic_write
 from common.spatial.fields import warp
 
 from .adjoint import odeint_adjoint
@@ -54,3 +57,27 @@ class NeuralODEFlow(nn.Module):
         """Returns ``(displacement, velocity)``, both ``[1, 3, *S]`` in voxels of the flow grid."""
         velocity = self.velocity_net()
         return self.integrate(velocity), velocity
+
+
+def save_initial_weights(
+    model_factory: Callable[..., NeuralODEFlow], path: str | Path, seed: int = 0, shape: Sequence[int] = (32, 32, 32)
+) -> Path:
+    """Write the velocity network's shape-independent initial weights (what a bundle's ``models/velocity_net_init.pt``
+    ships), drawn with ``seed``, to ``path``; never over an existing file. Returns ``path``.
+
+    Args:
+        model_factory: builds the flow, ``model_factory(shape=shape)`` (a bundle's ``network_def``).
+        path: the new file.
+        seed: seed of the initialisation.
+        shape: any flow grid: the weights written do not depend on it.
+    """
+    path = Path(path)
+    if path.exists():
+        raise RegistrationOutputError(f"'{path}' exists: initial weights are written to a new file, never over one")
+    torch.manual_seed(seed)
+    flow = model_factory(shape=tuple(shape))
+    state = {"velocity_net." + k: v for k, v in flow.velocity_net.shape_independent_state().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+    return path

@@ -2,7 +2,7 @@
 
 from .cli import check_command_line, input_error_cause, switch
 from .device import resolve_device
-from .evaluator import RegistrationEvaluator, RegistrationOutputError
+from .evaluator import RegistrationEvaluator
 from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
 from .pairs import LoadRegistrationPaird, build_pairs, bundle_root
@@ -19,7 +19,6 @@ __all__ = [
     "QCFigureWriter",
     "RegistrationEvaluator",
     "RegistrationMetricsd",
-    "RegistrationOutputError",
     "WarpMovingd",
     "build_pairs",
     "bundle_root",

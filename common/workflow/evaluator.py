@@ -19,22 +19,18 @@ from monai.engines.utils import IterationEvents
 from monai.transforms import Transform
 
 from common.engine import PairRegistration
-from common.io import RegistrationInputError, check_device_memory, resample_to_grid
+from common.io import RegistrationInputError, RegistrationOutputError, check_device_memory, resample_to_grid
 
 from .cli import input_error_cause, os_error_cause
 from .device import resolve_device
 from .handlers import PairOutputHandler
 from .pairs import PATH_KEYS
 
-__all__ = ["RegistrationEvaluator", "RegistrationOutputError"]
+__all__ = ["RegistrationEvaluator"]
 
 logger = logging.getLogger(__name__)
 
 _STAGING_PREFIX = ".partial-"
-
-
-class RegistrationOutputError(RegistrationInputError):
-    """Outputs that cannot be written where asked (unwritable, full disk, over an input); reported like bad input."""
 
 
 class RegistrationEvaluator(Evaluator):
