@@ -67,6 +67,7 @@ from common.metrics import (
     patchwise_mi_map,
 )
 from common.synthesis import render_contrast
+from common.training import HELD_OUT_SUBJECTS
 
 # fixed-image contrasts of the held-out and tuning sets (the moving image is always T1-like)
 FIXED_CONTRASTS = ("t2", "flair", "pd")
@@ -78,7 +79,7 @@ DATASETS = (
 )
 SUBJECTS = tuple(range(1, 17))
 # label maps kept out of every training config (their ``validation_maps``)
-HELD_OUT = (13, 14, 15, 16)
+HELD_OUT = HELD_OUT_SUBJECTS
 TUNING = tuple(s for s in SUBJECTS if s not in HELD_OUT)
 
 # FreeSurfer label values of the anatomical structures, per group; the real T1 pair has its own two labels

@@ -8,9 +8,12 @@ from .contrastive import (
     retrieval_accuracy,
 )
 from .curves import TrainingCurve
+from .data import HELD_OUT_SUBJECTS, label_maps, select_subjects
+from .distributed import on_rank
 from .registration import PairDiceIteration, PairRegistrationIteration, ordered_pairs
 
 __all__ = [
+    "HELD_OUT_SUBJECTS",
     "BestWeights",
     "ContrastiveIteration",
     "PairDiceIteration",
@@ -21,7 +24,10 @@ __all__ = [
     "TrainingCheckpoint",
     "TrainingCurve",
     "corresponding_parts",
+    "label_maps",
     "latest_checkpoint",
+    "on_rank",
     "ordered_pairs",
     "retrieval_accuracy",
+    "select_subjects",
 ]
