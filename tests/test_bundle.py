@@ -19,6 +19,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from common.io import RegistrationInputError
+from common.metrics import dice_per_label, mean_dict
 from common.synthesis import render_contrast
 from common.workflow import input_error_cause
 
@@ -452,3 +453,29 @@ def test_the_shipped_initial_weights_are_reproduced_into_a_new_file(bundle, tmp_
     with pytest.raises(RuntimeError) as failure:
         again.run()
     assert "never over one" in str(input_error_cause(failure.value))
+
+
+def test_the_inverse_field_takes_fixed_labels_onto_the_moving_grid_through_itk(registered, pair):
+    """``inverse_ddf.nii.gz`` (moving grid, ITK convention) applied by ITK's own resampler to the fixed labels gives
+    the moving labels as well as the forward field gives the fixed ones (non-RAS, anisotropic fixed grid)."""
+    field = itk.imread(str(registered / "inverse_ddf.nii.gz"), itk.Vector[itk.F, 3])
+    moving = nib.load(pair["moving"])
+    assert field.GetLargestPossibleRegion().GetSize()[0] == moving.shape[0]
+    fixed_label = itk.imread(pair["fixed_label"], itk.F)
+    nearest = itk.NearestNeighborInterpolateImageFunction[itk.Image[itk.F, 3], itk.D].New()
+    warped = itk.warp_image_filter(
+        fixed_label,
+        displacement_field=field,
+        output_parameters_from_image=itk.imread(pair["moving"], itk.F),
+        interpolator=nearest,
+    )
+    on_moving = np.transpose(itk.array_from_image(warped), (2, 1, 0)).astype(np.int64)
+    moving_label = np.asarray(nib.load(pair["moving_label"]).dataobj).astype(np.int64)
+    inverse_dice = mean_dict(dice_per_label(torch.as_tensor(on_moving), torch.as_tensor(moving_label)))
+    metrics = json.loads((registered / "metrics.json").read_text())
+    forward_dice, before = metrics["dice"]["after"]["mean"], metrics["dice"]["before"]["mean"]
+    assert inverse_dice > before + 0.5 * (forward_dice - before) and abs(inverse_dice - forward_dice) < 0.01, (
+        inverse_dice,
+        forward_dice,
+        before,
+    )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from common.losses import DisplacementSmoothnessLoss, JacobianBarrierLoss, mind_ssc
 from common.smoothing import RKHSSmoother, laplacian_eigenvalues
-from common.spatial import identity_grid, jacobian_determinant, resize_ddf, scaling_and_squaring, warp
+from common.spatial import identity_grid, invert_ddf, jacobian_determinant, resize_ddf, scaling_and_squaring, warp
 
 
 def _blobs(shape=(24, 26, 22), seed=0) -> torch.Tensor:
@@ -158,3 +158,13 @@ def test_jacobian_barrier_is_zero_for_mild_and_positive_for_strong_compression()
     assert loss(mild) == 0
     assert loss(strong) == pytest.approx(0.3**2, rel=1e-4)
     assert DisplacementSmoothnessLoss()(mild) > 0
+
+
+def test_fixed_point_inverse_undoes_a_smooth_field():
+    from .conftest import smooth_field
+
+    ddf = smooth_field((24, 28, 20), amplitude=3.0, seed=2)
+    inverse = invert_ddf(ddf)
+    inner = (slice(4, -4),) * 3
+    residual = (inverse + warp(ddf, inverse)).norm(dim=1)[0][inner]
+    assert residual.mean() < 0.01 and residual.max() < 0.1, (residual.mean(), residual.max())

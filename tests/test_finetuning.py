@@ -54,6 +54,8 @@ def test_tto_registers_a_pair_and_leaves_the_network_unchanged():
     ddf = result.ddf
     assert ddf.shape == (1, 3, 30, 34, 28) and result.stats.grid == [32, 48, 32]
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    inside = (result.inverse_ddf + warp(ddf, result.inverse_ddf)).norm(dim=1)[0][labels > 0]
+    assert inside.mean() < 0.1, inside.mean()  # the fixed-point inverse undoes the field
 
     warped = warp(moving_labels[None, None].float(), ddf, mode="nearest")[0, 0].long()
     dice_before = mean_dict(dice_per_label(moving_labels, labels))

@@ -258,3 +258,18 @@ def test_warped_descriptor_at_random_voxels_equals_the_whole_warped_descriptor_t
     gap = inferer._similarity(ddf, source.contiguous(memory_format=torch.channels_last_3d), whole, warp_descriptor=True)
     assert gap.shape == (1, 5000) and gap.max() < 1e-4, gap.max()
     assert inferer._similarity(torch.zeros_like(ddf), source, whole, warp_descriptor=True).mean() > 0.01
+
+
+def test_the_inverse_undoes_the_registration():
+    """The result's inverse (the flow of -v) composed with the field is the identity within 0.1 voxel (mean) inside the
+    phantom; measured: mean 0.03, 95th percentile 0.06 voxel (fields up to 2.2 voxels)."""
+    labels = phantom_labels()
+    truth = smooth_field(labels.shape, amplitude=4.0, seed=3)
+    moving = warp(torch.as_tensor(render_contrast(labels, "t1", seed=2))[None, None].float(), truth)
+    fixed = torch.as_tensor(render_contrast(labels, "t2", seed=1))[None, None]
+    result = _inferer(iterations=(60,))(fixed, moving, spacing=(1.0, 1.0, 1.0))
+    ddf, inverse = result.ddf, result.inverse_ddf
+    assert inverse is not None and inverse.shape == ddf.shape and ddf.abs().max() > 1.0
+    residual = (inverse + warp(ddf, inverse)).norm(dim=1)[0]  # y + w(y) + u(y + w(y)) - y
+    inside = residual[labels > 0]
+    assert inside.mean() < 0.1 and torch.quantile(inside, 0.95) < 0.3, (inside.mean(), torch.quantile(inside, 0.95))

@@ -1,11 +1,19 @@
 from .finetuning import TestTimeOptimizationInferer, working_shape
 from .optimizer import BestState, create_pair_engine
-from .protocols import LocalDescriptor, PairRegistration, PatchSimilarity, RegistrationResult, RegistrationStats
+from .protocols import (
+    InvertibleModel,
+    LocalDescriptor,
+    PairRegistration,
+    PatchSimilarity,
+    RegistrationResult,
+    RegistrationStats,
+)
 from .registration import InstanceOptimizationInferer, downsample_image
 
 __all__ = [
     "BestState",
     "InstanceOptimizationInferer",
+    "InvertibleModel",
     "LocalDescriptor",
     "PairRegistration",
     "PatchSimilarity",

@@ -14,7 +14,7 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.losses.objective import RegistrationObjective
-from common.spatial.fields import resize_ddf
+from common.spatial.fields import invert_ddf, resize_ddf
 
 from .optimizer import BestState, create_pair_engine
 from .protocols import RegistrationResult, RegistrationStats
@@ -110,4 +110,5 @@ class TestTimeOptimizationInferer(Inferer):
             stats.iterations, stats.final_loss = [engine.state.iteration], best.loss
         stats.stage_time_s = [time.perf_counter() - start]
         with torch.no_grad():
-            return RegistrationResult(resize_ddf(model.eval()(pair), shape), stats)
+            ddf = model.eval()(pair)
+            return RegistrationResult(resize_ddf(ddf, shape), stats, resize_ddf(invert_ddf(ddf), shape))

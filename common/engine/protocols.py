@@ -9,7 +9,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LocalDescriptor", "PairRegistration", "PatchSimilarity", "RegistrationResult", "RegistrationStats"]
+__all__ = [
+    "InvertibleModel",
+    "LocalDescriptor",
+    "PairRegistration",
+    "PatchSimilarity",
+    "RegistrationResult",
+    "RegistrationStats",
+]
 
 
 @runtime_checkable
@@ -45,10 +52,20 @@ class RegistrationStats:
 @dataclass
 class RegistrationResult:
     """A pair's displacement ``ddf`` ``[1, 3, X, Y, Z]`` in voxels of the fixed grid (pull-back: warped(x) =
-    moving(x + ddf(x))) and how it was found."""
+    moving(x + ddf(x))), its inverse ``inverse_ddf`` on the same grid (``y -> y + inverse_ddf(y)`` undoes
+    ``x -> x + ddf(x)``) and how they were found."""
 
     ddf: torch.Tensor
     stats: RegistrationStats
+    inverse_ddf: torch.Tensor | None = None
+
+
+@runtime_checkable
+class InvertibleModel(Protocol):
+    """A transform model that computes its own inverse (a stationary velocity field: the flow of ``-v``), returning
+    the inverse displacement on its grid."""
+
+    def inverse(self) -> torch.Tensor: ...
 
 
 class PairRegistration(Protocol):

@@ -15,10 +15,19 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.losses.objective import RegistrationObjective
-from common.spatial import block_points, random_blocks, random_voxels, resize_ddf, scaled_shape, warp, warp_at
+from common.spatial import (
+    block_points,
+    invert_ddf,
+    random_blocks,
+    random_voxels,
+    resize_ddf,
+    scaled_shape,
+    warp,
+    warp_at,
+)
 
 from .optimizer import BestState, create_pair_engine
-from .protocols import LocalDescriptor, PatchSimilarity, RegistrationResult, RegistrationStats
+from .protocols import InvertibleModel, LocalDescriptor, PatchSimilarity, RegistrationResult, RegistrationStats
 
 logger = logging.getLogger(__name__)
 
@@ -284,4 +293,5 @@ class InstanceOptimizationInferer(Inferer):
 
         with torch.no_grad():
             displacement, _ = model()
-            return RegistrationResult(resize_ddf(displacement, shape), stats)
+            inverse = model.inverse() if isinstance(model, InvertibleModel) else invert_ddf(displacement)
+            return RegistrationResult(resize_ddf(displacement, shape), stats, resize_ddf(inverse, shape))

@@ -58,6 +58,10 @@ class NeuralODEFlow(nn.Module):
         velocity = self.velocity_net()
         return self.integrate(velocity), velocity
 
+    def inverse(self) -> torch.Tensor:
+        """Displacement ``[1, 3, *S]`` (voxels) of the inverse transform: the flow of ``-v`` with the same solver."""
+        return self.integrate(-self.velocity_net())
+
 
 def save_initial_weights(
     model_factory: Callable[..., NeuralODEFlow], path: str | Path, seed: int = 0, shape: Sequence[int] = (32, 32, 32)

@@ -1,4 +1,5 @@
 from .fields import (
+    invert_ddf,
     jacobian_determinant,
     resize_ddf,
     scaling_and_squaring,
@@ -10,6 +11,7 @@ from .sampling import block_points, random_blocks, random_voxels, sample_at, war
 __all__ = [
     "block_points",
     "identity_grid",
+    "invert_ddf",
     "jacobian_determinant",
     "random_blocks",
     "random_voxels",

@@ -57,6 +57,24 @@ def scaling_and_squaring(velocity: torch.Tensor, num_steps: int = 7) -> torch.Te
     return DVF2DDF(num_steps=num_steps, padding_mode="border")(velocity)
 
 
+def invert_ddf(ddf: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Inverse of the transform ``x -> x + ddf(x)`` as a displacement on the same grid, by the fixed-point iteration
+    ``w = -ddf(x + w)`` (it converges where the transform is invertible with ``|grad ddf| < 1``, as smooth
+    registration fields are).
+
+    Args:
+        ddf: ``[B, 3, X, Y, Z]`` displacement in voxels.
+        iterations: fixed-point steps.
+
+    Returns:
+        ``w`` ``[B, 3, X, Y, Z]`` (voxels) with ``w(y) + ddf(y + w(y)) = 0``.
+    """
+    inverse = -ddf
+    for _ in range(iterations):
+        inverse = -warp(ddf, inverse)
+    return inverse
+
+
 def resize_ddf(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Resample a displacement field onto a grid of another resolution covering the same field of view.
 

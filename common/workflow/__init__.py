@@ -6,10 +6,11 @@ from .evaluator import RegistrationEvaluator
 from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
 from .pairs import LoadRegistrationPaird, build_pairs, bundle_root
-from .postprocessing import JacobianDeterminantd, RegistrationMetricsd, WarpMovingd
+from .postprocessing import InverseOnMovingGridd, JacobianDeterminantd, RegistrationMetricsd, WarpMovingd
 
 __all__ = [
     "ImageWriter",
+    "InverseOnMovingGridd",
     "JacobianDeterminantd",
     "LoadRegistrationPaird",
     "MetricsWriter",

@@ -163,6 +163,8 @@ class RegistrationEvaluator(Evaluator):
         loaded = time.perf_counter()
         result = self.inferer(output["fixed"][None], output["moving_on_fixed"][None], spacing)
         output["ddf"], output["stats"] = result.ddf, result.stats
+        if result.inverse_ddf is not None:
+            output["inverse_ddf"] = result.inverse_ddf
         output["time"] = {"start": start, "loaded": loaded, "registered": time.perf_counter()}
         return output
 

@@ -45,9 +45,10 @@ class PairOutputHandler:
 
 class ImageWriter(PairOutputHandler):
     """``warped.nii.gz``, ``ddf.nii.gz`` (ITK/ANTs convention), ``jacobian.nii.gz`` and, with labels,
-    ``warped_label.nii.gz``, all on the fixed grid."""
+    ``warped_label.nii.gz``, all on the fixed grid; ``inverse_ddf.nii.gz`` (same convention) on the moving grid, when
+    the engine gave an inverse (:class:`~common.workflow.InverseOnMovingGridd`)."""
 
-    filenames = ("warped.nii.gz", "ddf.nii.gz", "jacobian.nii.gz", "warped_label.nii.gz")
+    filenames = ("warped.nii.gz", "ddf.nii.gz", "jacobian.nii.gz", "warped_label.nii.gz", "inverse_ddf.nii.gz")
 
     def write(self, output: dict[str, Any], folder: Path) -> None:
         affine = output["fixed_affine"].numpy()
@@ -56,6 +57,9 @@ class ImageWriter(PairOutputHandler):
         save_image(output["jacobian"].cpu(), affine, folder / "jacobian.nii.gz", dtype=np.float32)
         if "warped_label" in output:
             save_image(output["warped_label"][0].cpu(), affine, folder / "warped_label.nii.gz", dtype=np.int32)
+        if "inverse_ddf_moving" in output:
+            moving_affine = output["moving_affine"].numpy()
+            save_ddf_itk(output["inverse_ddf_moving"][0].cpu(), moving_affine, folder / "inverse_ddf.nii.gz")
 
 
 class QCFigureWriter(PairOutputHandler):

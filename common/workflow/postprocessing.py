@@ -21,7 +21,7 @@ from common.io import resample_to_grid
 from common.metrics import dice_per_label, hd95_per_label, mean_dict, ndv_percent, nonpositive_jacobian_percent, tre
 from common.spatial import jacobian_determinant
 
-__all__ = ["JacobianDeterminantd", "RegistrationMetricsd", "WarpMovingd"]
+__all__ = ["InverseOnMovingGridd", "JacobianDeterminantd", "RegistrationMetricsd", "WarpMovingd"]
 
 
 class WarpMovingd(MapTransform):
@@ -49,6 +49,28 @@ class WarpMovingd(MapTransform):
         for key, out, mode in self.key_iterator(d, self.output_keys, self.mode):
             with torch.no_grad():
                 d[out] = resample_to_grid(d[key], d["moving_affine"], d["fixed_affine"], shape, d["ddf"][0], mode)
+        return d
+
+
+class InverseOnMovingGridd(MapTransform):
+    """The inverse displacement, given on the fixed grid in its voxels (``inverse_ddf``: ``y -> y + w(y)`` undoes the
+    registration), resampled onto the moving image's own grid in its voxels, ``[1, 3, U, V, W]``: at moving voxel
+    ``m``, ``(A_m^-1 A_f)[:3, :3] w(A_f^-1 A_m m)``, so that ``m`` plus it is where the fixed image's content at that
+    place comes from (ITK's convention for warping the fixed image, or fixed-space labels, onto the moving grid).
+    Moving voxels outside the fixed grid keep a zero displacement."""
+
+    def __init__(self, keys: KeysCollection = "inverse_ddf", output_key: str = "inverse_ddf_moving") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            a_fixed, a_moving = d["fixed_affine"], d["moving_affine"]
+            with torch.no_grad():
+                on_moving = resample_to_grid(d[key][0], a_fixed, a_moving, d["moving"].shape[1:])
+                linear = (torch.linalg.inv(a_moving) @ a_fixed)[:3, :3].to(on_moving)
+                d[self.output_key] = torch.einsum("ij,j...->i...", linear, on_moving)[None]
         return d
 
 
