@@ -75,6 +75,15 @@ def _workflow(**overrides) -> ConfigWorkflow:
     return ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer", **{**FAST, **overrides})
 
 
+def _command(*args: str) -> list[str]:
+    """A bundle command line as a user types it (node_mind unless ``--config_file`` is among ``args``)."""
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), *args]
+
+
+def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(*args), capture_output=True, text=True, cwd=REPO, timeout=600, **kwargs)
+
+
 def test_workflow_has_every_required_property():
     workflow = _workflow()
     workflow.initialize()
@@ -141,21 +150,7 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
     data = np.asarray(nib.load(pair["moving"]).dataobj).astype(np.float32)
     data[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(data, nib.load(pair["moving"]).affine), bad)
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(CONFIG),
-        "--fixed",
-        pair["fixed"],
-        "--moving",
-        str(bad),
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = _cli("--fixed", pair["fixed"], "--moving", str(bad), "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "error: moving image" in result.stderr and "NaN" in result.stderr
     assert "Traceback" not in result.stderr
@@ -283,30 +278,11 @@ def test_an_unwritable_output_folder_is_a_clear_error(pair, tmp_path):
 def test_cli_reports_a_bad_device_in_one_line(device, message, pair, tmp_path):
     if device.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has that CUDA device")
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(CONFIG),
-        "--fixed",
-        pair["fixed"],
-        "--moving",
-        pair["moving"],
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--device",
-        device,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = _cli(
+        "--fixed", pair["fixed"], "--moving", pair["moving"], "--output_dir", str(tmp_path / "out"), "--device", device
+    )
     assert result.returncode != 0 and f"error: --device {device}" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def test_cli_switches_switch(pair, tmp_path):
@@ -384,16 +360,16 @@ def test_a_killed_datalist_run_rerun_leaves_complete_consistent_outputs(fraction
         "--registration#iterations",
         "[3]",
     ]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), *args]
+    cmd = _command(*args)
     start = time.perf_counter()
-    assert subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=600).returncode == 0
+    assert _cli(*args).returncode == 0
     duration = time.perf_counter() - start
     _assert_complete_sets(tmp_path / "out", ids)
     run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     time.sleep(fraction * duration)
     run.send_signal(signal.SIGKILL)
     run.wait()
-    assert subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=600).returncode == 0
+    assert _cli(*args).returncode == 0
     _assert_complete_sets(tmp_path / "out", ids)
     assert not [p for p in (tmp_path / "out").rglob(".*")]
 
@@ -405,27 +381,10 @@ def _limit_file_size(limit: int) -> None:
 
 def test_a_full_disk_fails_each_pair_clearly_and_keeps_the_summary(pair, tmp_path):
     ids = ["a", "b"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(CONFIG),
-        "--datalist",
-        str(_datalist(pair, tmp_path, ids)),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--progress",
-        "false",
-        "--registration#levels",
-        "[1]",
-        "--registration#iterations",
-        "[2]",
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=REPO, timeout=600, preexec_fn=lambda: _limit_file_size(20_000)
-    )
+    datalist = str(_datalist(pair, tmp_path, ids))
+    schedule = ["--registration#levels", "[1]", "--registration#iterations", "[2]", "--progress", "false"]
+    full_disk = lambda: _limit_file_size(20_000)  # noqa: E731
+    result = _cli("--datalist", datalist, "--output_dir", str(tmp_path / "out"), *schedule, preexec_fn=full_disk)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: 2 of 2 pairs failed" in result.stderr and "cannot write the outputs" in result.stderr
     rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()[1:]
