@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.io import RegistrationInputError, load_image, load_label
+from common.io import RegistrationInputError, load_image, load_label, load_landmarks
 
 EXAMPLES = 150
 DTYPES = [np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64, np.complex64]
@@ -124,3 +124,24 @@ def test_values_and_geometry_are_never_silently_changed(case, tmp_path):
     with pytest.raises(RegistrationInputError, match=r"geometry|complex|32-bit"):
         reference = load_image(path)
         load_label(path, reference)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    content=st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=300),
+        st.lists(
+            st.lists(st.one_of(st.floats(allow_nan=True), st.integers(), st.text(max_size=5)), max_size=4), max_size=6
+        ).map(lambda rows: "\n".join(",".join(map(str, r)) for r in rows)),
+    )
+)
+def test_any_landmark_file_loads_as_points_or_raises_the_clear_error(content, tmp_path):
+    path = tmp_path / "points.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+    try:
+        points = load_landmarks(path, role="fixed landmarks")
+    except RegistrationInputError as e:
+        assert str(path) in str(e)
+    else:
+        assert points.ndim == 2 and points.shape[1] == 3 and len(points) > 0 and bool(torch.isfinite(points).all())

@@ -45,8 +45,11 @@ def load_landmarks(path: PathLike, convention: str = "auto", role: str = "landma
     file = Path(path)
     if not file.is_file():
         raise input_error(role, path, "file not found")
-    with open(file, newline="", encoding="utf-8-sig") as f:  # tolerate the BOM spreadsheets write
-        rows = [(n, [v.strip() for v in row]) for n, row in enumerate(csv.reader(f), start=1)]
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:  # tolerate the BOM spreadsheets write
+            rows = [(n, [v.strip() for v in row]) for n, row in enumerate(csv.reader(f), start=1)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise input_error(role, path, f"is not a text CSV of x,y,z rows ({type(e).__name__}: {e})") from None
     rows = [(n, row) for n, row in rows if any(row)]
 
     header_convention = None
