@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ __all__ = ["ImageWriter", "MetricsWriter", "PairOutputHandler", "PairSummary", "
 logger = logging.getLogger(__name__)
 
 
-class PairOutputHandler:
+class PairOutputHandler(ABC):
     """Base of the handlers writing files of one registered pair: subclasses implement :meth:`write`."""
 
     filenames: tuple[str, ...] = ()
@@ -39,8 +40,9 @@ class PairOutputHandler:
         output = engine.state.output
         self.write(output, Path(output["staging_dir"]))
 
+    @abstractmethod
     def write(self, output: dict[str, Any], folder: Path) -> None:
-        raise NotImplementedError
+        """Write this handler's files for the pair in ``output`` into ``folder``."""
 
 
 class ImageWriter(PairOutputHandler):
