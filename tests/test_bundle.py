@@ -190,6 +190,51 @@ def test_every_neural_ode_variant_registers_the_tiny_pair(bundle, schedule, pair
     assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"] + 0.01
 
 
+def _label_masks(pair: dict[str, str], folder: Path) -> dict[str, str]:
+    """Each image's mask: its labelled voxels (the head, not the background)."""
+    masks = {}
+    for key in ("fixed", "moving"):
+        label = nib.load(pair[f"{key}_label"])
+        masks[f"{key}_mask"] = str(folder / f"{key}_mask.nii.gz")
+        nib.save(nib.Nifti1Image((np.asarray(label.dataobj) > 0).astype(np.uint8), label.affine), masks[f"{key}_mask"])
+    return masks
+
+
+@pytest.mark.parametrize(
+    "bundle, schedule",
+    [
+        ("node_lmi", FAST),  # patches of local MI, inside the masks
+        (  # random voxels of the warped descriptor, inside the masks
+            "node_contrastive",
+            {
+                "registration#levels": [1],
+                "registration#iterations": [30],
+                "registration#warp_descriptor": [True],
+                "registration#sample_points": 4000,
+                "progress": False,
+            },
+        ),
+        ("tto_kd", {"weights": "", "tto#iterations": 5, "tto#spacing_mm": None, "progress": False}),
+    ],
+)
+def test_every_bundle_registers_inside_the_masks_it_is_given(bundle, schedule, pair, tmp_path):
+    config = REPO / "bundles" / bundle / "configs" / "inference.json"
+    masks = _label_masks(pair, tmp_path)
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        config_file=str(config), workflow_type="infer", output_dir=str(out), device="cpu", **schedule, **pair, **masks
+    )
+    workflow.initialize()
+    workflow.run()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fixed_mask"] == masks["fixed_mask"] and metrics["moving_mask"] == masks["moving_mask"]
+    assert metrics["nonpositive_jacobian_percent"] < 0.1
+    # only node_lmi's short schedule improves this phantom at all (node_contrastive's descriptor needs its three
+    # stages, tto_kd's network is untrained here): the others check the masked code paths run
+    if bundle == "node_lmi":
+        assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"] + 0.01
+
+
 @pytest.mark.parametrize("tto", [True, False])
 def test_tto_kd_registers_the_tiny_pair_with_and_without_test_time_optimisation(tto, pair, tmp_path):
     """The contract's outputs from the student (here untrained: weights "") fine-tuned on the pair, or used as is."""
@@ -438,3 +483,40 @@ def test_the_inverse_field_takes_fixed_labels_onto_the_moving_grid_through_itk(r
         forward_dice,
         before,
     )
+
+
+def test_a_moving_mask_keeps_an_artefact_from_misleading_the_registration(tmp_path):
+    """The sample's moving T1 with a dark cavity (20 mm radius, as after a resection) the fixed T2 lacks: without a
+    mask the registration pulls the structures around it into the hole; with the moving mask excluding the cavity,
+    their Dice is higher (0.393 against 0.467 with the settings below, when measured)."""
+    from common.sample import sample_pair
+
+    sample = sample_pair()
+    image = nib.load(sample["moving"])
+    centre = np.array([34, 45, 42])
+    distance = np.linalg.norm(np.indices(image.shape) - centre[:, None, None, None], axis=0)
+    moving = image.get_fdata().astype(np.float32)
+    moving[distance < 10] = 0.0
+    paths = {"moving": tmp_path / "moving_cavity.nii.gz", "moving_mask": tmp_path / "moving_mask.nii.gz"}
+    nib.save(nib.Nifti1Image(moving, image.affine), paths["moving"])
+    nib.save(nib.Nifti1Image((distance >= 11).astype(np.uint8), image.affine), paths["moving_mask"])
+    labels = nib.load(sample["moving_label"]).get_fdata()
+    near = [int(k) for k in np.unique(labels) if k and np.linalg.norm(np.argwhere(labels == k).mean(0) - centre) < 18]
+
+    def near_dice(**mask: str) -> float:
+        out = tmp_path / ("masked" if mask else "unmasked")
+        common_args = {k: sample[k] for k in ("fixed", "fixed_label", "moving_label")}
+        workflow = ConfigWorkflow(
+            config_file=str(CONFIG),
+            workflow_type="infer",
+            **{**common_args, "moving": str(paths["moving"]), "output_dir": str(out), "save_qc": False},
+            **{"registration#iterations": [40, 20], "progress": False, **mask},
+        )
+        workflow.initialize()
+        workflow.run()
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["moving_mask"] == mask.get("moving_mask") and metrics["fixed_mask"] is None
+        return float(np.mean([metrics["dice"]["after"]["per_label"][str(k)] for k in near]))
+
+    unmasked, masked = near_dice(), near_dice(moving_mask=str(paths["moving_mask"]))
+    assert masked > unmasked + 0.03

@@ -19,6 +19,7 @@ from common.io import (
     load_image,
     load_label,
     load_landmarks,
+    load_mask,
     resample_to_grid,
     save_csv,
     save_ddf_itk,
@@ -224,6 +225,19 @@ def test_bad_labels_and_pairs(pair, tmp_path):
     far = load_image(write_nifti(tmp_path / "far.nii.gz", smooth_texture(FIXED_SHAPE, 9), far_affine))
     message = expect_error("do not overlap in world space", check_overlap, fixed, far)
     assert "fixed.nii.gz" in message and "far.nii.gz" in message and "moving spans" in message
+
+
+def test_bad_masks_get_clear_errors_and_a_good_one_loads_as_bool(pair, tmp_path):
+    fixed = load_image(pair[0], "fixed image")
+    mask = np.zeros(FIXED_SHAPE, np.uint8)
+    mask[4:12, 4:12, 4:12] = 255
+    loaded = load_mask(write_nifti(tmp_path / "mask.nii.gz", mask), fixed, "fixed mask")
+    assert loaded.dtype == torch.bool and int(loaded.sum()) == 8**3
+    several = write_nifti(tmp_path / "several.nii.gz", mask // 255 * 2 + (np.arange(24)[:, None, None] > 20))
+    expect_error("fixed mask.*several.nii.gz.*not binary: it holds 3 values", load_mask, several, fixed, "fixed mask")
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(FIXED_SHAPE, np.float32))
+    expect_error("empty.nii.gz.*(empty|constant)", load_mask, empty, fixed, "fixed mask")
+    expect_error("shape.nii.gz.*grid differs", load_mask, write_nifti(tmp_path / "shape.nii.gz", mask[:-2]), fixed)
 
 
 def test_memory_check():

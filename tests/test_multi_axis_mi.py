@@ -6,7 +6,11 @@ import pytest
 import torch
 from monai.losses import GlobalMutualInformationLoss
 
-from common.losses import DisplacementDivergenceLoss, MultiAxisMutualInformationLoss
+from common.losses import (
+    DisplacementDivergenceLoss,
+    GlobalNormalizedCrossCorrelationLoss,
+    MultiAxisMutualInformationLoss,
+)
 from common.spatial import identity_grid, warp
 from common.synthesis import render_contrast
 
@@ -81,3 +85,21 @@ def test_divergence_of_known_fields():
     divergence = DisplacementDivergenceLoss()
     assert torch.isclose(divergence(expansion), torch.tensor(0.01, dtype=torch.float64))
     assert divergence(rotation) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "loss", [MultiAxisMutualInformationLoss(num_bins=8), GlobalNormalizedCrossCorrelationLoss()], ids=["mi", "ncc"]
+)
+def test_a_masked_similarity_ignores_what_lies_outside_the_mask(loss):
+    """A mask of ones changes nothing; with a mask, corrupting the voxels outside it leaves the value unchanged,
+    while the unmasked value moves."""
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, 16, 16, 16)
+    warped = (fixed + 0.1 * torch.rand_like(fixed)).clamp(0, 1)
+    mask = torch.zeros_like(fixed)
+    mask[:, :, 3:13, 2:14, 4:12] = 1.0
+    corrupted = warped.clone()
+    corrupted[mask == 0] = torch.rand(int((mask == 0).sum()))
+    torch.testing.assert_close(loss(warped, fixed, mask=torch.ones_like(fixed)), loss(warped, fixed))
+    torch.testing.assert_close(loss(corrupted, fixed, mask=mask), loss(warped, fixed, mask=mask))
+    assert abs(float(loss(corrupted, fixed) - loss(warped, fixed))) > 0.01

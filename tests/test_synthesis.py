@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from common.sample import sample_pair
 from common.spatial import jacobian_determinant
+from common.spatial.fields import warp
 from common.synthesis import CONTRASTS, LabelToContrastd, RandLabelToImaged, render_contrast
-from common.transforms import RandDiffeomorphicWarpd
+from common.transforms import ComposeDisplacementd, RandDiffeomorphicWarpd
 
 CSF, WM, GM = 4, 2, 3
 
@@ -126,6 +127,25 @@ def test_random_diffeomorphic_warp_is_invertible_reproducible_and_large(phantom)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.abs().amax() > 1.5  # voxels: a deformation worth registering
     assert (jacobian_determinant(first[None]) > 0).all()
+
+
+def test_a_known_field_follows_its_fixed_image_when_that_is_deformed_again():
+    """The fixed image is the moving one pulled back by ``v``; deformed once more by ``u``, the composed field
+    ``u + v(x + u)`` still maps the moving image onto it (to interpolation), while ``v`` alone no longer does."""
+    radius = torch.linalg.vector_norm(
+        torch.stack(torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij")) - 11.5, dim=0
+    )
+    moving = torch.exp(-((radius / 6) ** 2))[None]  # smooth, so that interpolation errors stay small
+    v = _deform(4, image=moving)["ddf"]
+    again = _deform(5, image=warp(moving[None], v[None])[0])
+    composed = ComposeDisplacementd("target", ddf_key="ddf")({"target": v, "ddf": again["ddf"]})["target"]
+
+    def error(field: torch.Tensor) -> float:
+        return float((warp(moving[None], field[None])[0] - again["image"]).abs().mean())
+
+    assert error(composed) < 0.1 * error(v) and error(v) < error(torch.zeros_like(v))
+    with pytest.raises(ValueError, match="shape"):
+        ComposeDisplacementd("target", ddf_key="ddf")({"target": v[:, :8], "ddf": again["ddf"]})
 
 
 def test_random_diffeomorphic_warp_moves_labels_with_their_image(phantom):

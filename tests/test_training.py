@@ -15,10 +15,11 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
+from common.metrics.overlap import dice_per_label, mean_dict
 from common.networks import DisplacementUNet
 from common.sample import sample_pair
 from common.spatial.fields import warp
-from common.training import BestWeights, TrainingCheckpoint, latest_checkpoint
+from common.training import BestWeights, TrainingCheckpoint, label_maps, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "node_contrastive" / "configs"
@@ -231,7 +232,6 @@ def test_known_field_pairs_carry_the_displacement_that_aligns_them(tmp_path):
     parser.read_config([str(TTO_KD / "train.json"), str(TTO_KD / "known_fields.json")])
     for key, value in {**_tto_kd_values(tmp_path, 1), "device": "$torch.device('cpu')"}.items():
         parser[key] = value
-    parser["train#dataset#cache_rate"] = 0.0
     item = parser.get_parsed_content("train#dataset")[0]
     target = item["target_ddf"][None]
     assert 0.5 < target.norm(dim=1).mean() < 5.0  # voxels: a deformation worth learning
@@ -240,6 +240,27 @@ def test_known_field_pairs_carry_the_displacement_that_aligns_them(tmp_path):
     assert (warped == item["fixed_label"])[brain].float().mean() > 0.999
     assert (item["moving_label"] == item["fixed_label"])[brain].float().mean() < 0.9
     assert set(parser.get_parsed_content("loss").weights.items()) >= {("field", 1.0), ("mi", 0.0)}
+
+
+def test_teacher_pairs_carry_a_reference_field_that_aligns_them_computed_once(tmp_path, shared_data):
+    """``configs/train.json``: each pair's target is node_mind's field between two subjects' maps rendered alike, kept
+    on disk, and it follows the fixed map's own random deformation: warping the moving labels by it raises their
+    overlap with the fixed labels far above the identity's."""
+    parser = ConfigParser()
+    parser.read_config(str(TTO_KD / "train.json"))
+    maps = label_maps(str(shared_data))[:2]
+    values = {"train_label_maps": maps, "spacing_mm": 4.0, "training_shape": [40, 48, 40]}
+    for key, value in {**_tto_kd_values(tmp_path, 1), **values, "device": "$torch.device('cpu')"}.items():
+        parser[key] = value
+    item = parser.get_parsed_content("train#dataset")[0]
+    assert len(list((tmp_path / "reference_fields").iterdir())) == 1
+
+    def overlap(field: torch.Tensor) -> float:
+        warped = warp(item["moving_label"][None].float(), field[None], mode="nearest")[0]
+        return mean_dict(dice_per_label(warped[0], item["fixed_label"][0]))
+
+    assert overlap(item["target_ddf"]) > overlap(torch.zeros_like(item["target_ddf"])) + 0.1
+    assert set(parser.get_parsed_content("loss").weights.items()) >= {("field", 1.0), ("mi", 1.0)}
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

@@ -72,16 +72,27 @@ class TestTimeOptimizationInferer(Inferer):
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
 
     def __call__(  # type: ignore[override]
-        self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        spacing: Sequence[float],
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
     ) -> RegistrationResult:
-        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` mm; the
-        result's grid is the working grid."""
+        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` mm, the
+        fine-tuning comparing them only inside the masks given (``[1, 1, X, Y, Z]``, 1 inside, on that grid; the
+        moving one before warping); the result's grid is the working grid."""
         shape = tuple(fixed.shape[2:])
         grid = working_shape(shape, spacing, self.spacing_mm, self.multiple)
         fixed_w, moving_w = (
             downsample_image(convert_to_tensor(self.normalize(x.float()), track_meta=False), grid)
             for x in (fixed, moving)
         )
+        masks = {
+            key: downsample_image(mask.float(), grid)
+            for key, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask))
+            if mask is not None
+        }
         pair = torch.cat([moving_w, fixed_w], dim=1)
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
@@ -92,7 +103,7 @@ class TestTimeOptimizationInferer(Inferer):
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.objective(ddf=model(pair), fixed=fixed_w, moving=moving_w)
+                loss = self.objective(ddf=model(pair), fixed=fixed_w, moving=moving_w, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()

@@ -69,6 +69,15 @@ class InvertibleModel(Protocol):
 
 
 class PairRegistration(Protocol):
-    """Registers ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` (mm)."""
+    """Registers ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` (mm),
+    comparing them only inside the masks given (``[1, 1, X, Y, Z]``, 1 inside, on that grid; the moving one before
+    warping)."""
 
-    def __call__(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]) -> RegistrationResult: ...
+    def __call__(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        spacing: Sequence[float],
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
+    ) -> RegistrationResult: ...

@@ -18,8 +18,11 @@ from common.losses.objective import RegistrationObjective
 from common.spatial import (
     block_points,
     invert_ddf,
+    mask_tiles,
     random_blocks,
+    random_blocks_in,
     random_voxels,
+    random_voxels_in,
     resize_ddf,
     scaled_shape,
     warp,
@@ -41,6 +44,14 @@ def downsample_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if k > 1:
         image = F.avg_pool3d(image, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
     return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def _level_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A mask ``[1, 1, X, Y, Z]`` on a stage's grid ``[*shape]`` (bool): voxels at least half inside, or, for a mask
+    too small for that grid, every voxel it touches."""
+    level = downsample_image(mask.float(), shape)[0, 0]
+    inside = level >= 0.5
+    return inside if bool(inside.any()) else level > 0
 
 
 class InstanceOptimizationInferer(Inferer):
@@ -170,39 +181,88 @@ class InstanceOptimizationInferer(Inferer):
         return count * math.prod(b + 2 * reach for b in block) < math.prod(shape)
 
     def _similarity(
-        self, displacement: torch.Tensor, source: torch.Tensor, target: torch.Tensor, warp_descriptor: bool
+        self,
+        displacement: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        warp_descriptor: bool,
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Similarity of the target and the source warped by ``displacement`` (flow grid) on the target's grid; the
-        source is the moving image's descriptor if ``warp_descriptor``, else the moving image."""
+        source is the moving image's descriptor if ``warp_descriptor``, else the moving image. With masks (the
+        fixed one ``[X, Y, Z]`` bool, the moving one ``[1, 1, X, Y, Z]`` on the fixed grid, before warping), only
+        voxels inside the fixed mask and the warped moving mask are compared (for a patch similarity, whole patches
+        whose centre is inside)."""
         shape = target.shape[2:]
+        masked = fixed_mask is not None or moving_mask is not None
         if not self.is_sampled(shape, warp_descriptor):
             warped = warp(source, resize_ddf(displacement, shape))
-            return self.similarity(warped if warp_descriptor else self._describe(warped), target)
-        if warp_descriptor:
-            points = self._random_points(shape, target.device)
+            warped = warped if warp_descriptor else self._describe(warped)
+            if not masked:
+                return self.similarity(warped, target)
+            inside = fixed_mask if fixed_mask is not None else torch.ones(shape, dtype=torch.bool, device=target.device)
+            if isinstance(self.similarity, PatchSimilarity):
+                patch = (self.similarity.patch_size,) * 3
+                points = block_points(mask_tiles(inside, patch), patch)
+            else:
+                points = inside.nonzero()
+        elif warp_descriptor:
+            points = self._random_points(shape, target.device, fixed_mask)
             warped = warp_at(displacement, source, points, shape)
         else:
             # the descriptor of each random block, from the warped moving image on the block grown by its reach
             reach = self.descriptor.reach
             block, count = self._blocks(shape)
-            origins = random_blocks(shape, block, count, target.device)
+            if fixed_mask is None:
+                origins = random_blocks(shape, block, count, target.device)
+            else:
+                origins = random_blocks_in(fixed_mask, block, count)
             values = warp_at(displacement, source, block_points(origins, block, reach), shape)
             described = self._describe(values.view(count, 1, *[b + 2 * reach for b in block]))
             inner = described[:, :, reach : reach + block[0], reach : reach + block[1], reach : reach + block[2]]
             warped = inner.transpose(0, 1).reshape(1, described.shape[1], -1)
             points = block_points(origins, block)
+        if moving_mask is not None:
+            keep = self._inside_warped_mask(displacement, moving_mask, points, shape)
+            points = points[keep]
+            warped = warped[:, :, keep] if warped.ndim == 3 else warped
         index = (points[:, 0] * shape[1] + points[:, 1]) * shape[2] + points[:, 2]
+        if warped.ndim != 3:
+            warped = warped.flatten(2)[:, :, index]
         return self.similarity(warped, target.flatten(2)[:, :, index])
 
-    def _random_points(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape``, in whole patches for a
-        :class:`~common.engine.PatchSimilarity`: ``N = sample_points // patch_size**3`` patches of ``patch_size**3``
-        consecutive points each."""
+    def _inside_warped_mask(
+        self, displacement: torch.Tensor, moving_mask: torch.Tensor, points: torch.Tensor, shape: Sequence[int]
+    ) -> torch.Tensor:
+        """Which ``points`` ``[N]`` the moving mask covers after warping (whole patches by their centre, for a patch
+        similarity); all of them when it covers none, so that the similarity stays defined."""
+        with torch.no_grad():
+            inside = warp_at(displacement, moving_mask, points, shape)[0, 0] > 0.5
+        if isinstance(self.similarity, PatchSimilarity):
+            size = self.similarity.patch_size**3
+            inside = inside.view(-1, size)[:, size // 2 : size // 2 + 1].expand(-1, size).reshape(-1)
+        return inside if bool(inside.any()) else torch.ones_like(inside)
+
+    def _random_points(
+        self, shape: Sequence[int], device: torch.device, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``sample_points`` random voxel indices ``[N, 3]`` of a grid of ``shape`` (inside ``mask`` ``[X, Y, Z]``
+        when given), in whole patches for a :class:`~common.engine.PatchSimilarity`:
+        ``N = sample_points // patch_size**3`` patches of ``patch_size**3`` consecutive points each."""
         if not isinstance(self.similarity, PatchSimilarity):
-            return random_voxels(shape, self.sample_points, device)
+            return (
+                random_voxels(shape, self.sample_points, device)
+                if mask is None
+                else random_voxels_in(mask, self.sample_points)
+            )
         patch = self.similarity.patch_size
         count = max(1, self.sample_points // patch**3)
-        return block_points(random_blocks(shape, (patch,) * 3, count, device), (patch,) * 3)
+        if mask is None:
+            origins = random_blocks(shape, (patch,) * 3, count, device)
+        else:
+            origins = random_blocks_in(mask, (patch,) * 3, count)
+        return block_points(origins, (patch,) * 3)
 
     def build_model(self, shape: Sequence[int], device: torch.device) -> nn.Module:
         """The transform model for a flow grid of ``shape``, seeded and with the initial weights loaded."""
@@ -217,10 +277,16 @@ class InstanceOptimizationInferer(Inferer):
         return model.to(device)
 
     def __call__(  # type: ignore[override]
-        self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        spacing: Sequence[float],
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
     ) -> RegistrationResult:
-        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on the same grid of voxel size ``spacing`` mm;
-        the result's grid is the flow grid."""
+        """Register ``moving`` to ``fixed``, both ``[1, 1, X, Y, Z]`` on the same grid of voxel size ``spacing`` mm,
+        comparing them only inside the masks given (``[1, 1, X, Y, Z]``, 1 inside, on that grid; the moving one
+        before warping); the result's grid is the flow grid."""
         device, shape = fixed.device, tuple(fixed.shape[2:])
         fixed, moving = (convert_to_tensor(self.normalize(x.float()), track_meta=False) for x in (fixed, moving))
         if isinstance(self.descriptor, nn.Module):
@@ -248,6 +314,8 @@ class InstanceOptimizationInferer(Inferer):
                 continue
             previous = (level_shape, warp_descriptor)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
+            fixed_mask_l = None if fixed_mask is None else _level_mask(fixed_mask, level_shape)
+            moving_mask_l = None if moving_mask is None else downsample_image(moving_mask.float(), level_shape)
             with torch.no_grad():
                 target = self._describe(fixed_l)
                 source = self._describe(moving_l) if warp_descriptor else moving_l
@@ -259,10 +327,16 @@ class InstanceOptimizationInferer(Inferer):
             # from the 6th of 35 iterations), so such a stage keeps its last state
             best = None if self.is_sampled(level_shape, warp_descriptor) else BestState()
 
-            def step(source=source, target=target, warp_descriptor=warp_descriptor, best=best) -> dict[str, float]:
+            def step(
+                source=source,
+                target=target,
+                warp_descriptor=warp_descriptor,
+                best=best,
+                masks=(fixed_mask_l, moving_mask_l),
+            ) -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
                 displacement, velocity = model()
-                sim = self._similarity(displacement, source, target, warp_descriptor)
+                sim = self._similarity(displacement, source, target, warp_descriptor, *masks)
                 loss = self.objective(similarity=sim, ddf=displacement, velocity=velocity)
                 loss.backward()
                 if best is not None:

@@ -7,6 +7,7 @@ from .image import (
     check_overlap,
     load_image,
     load_label,
+    load_mask,
     load_series,
     world_bounds,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "load_image",
     "load_label",
     "load_landmarks",
+    "load_mask",
     "load_series",
     "resample_to_grid",
     "save_csv",

@@ -132,6 +132,20 @@ def _format_affine(affine: torch.Tensor) -> str:
     return np.array2string(np.asarray(affine, dtype=np.float64)[:3], precision=3, separator=",").replace("\n", "")
 
 
+def _check_same_grid(data: MetaTensor, reference: MetaTensor, role: str, path: PathLike) -> None:
+    """``data`` must lie on ``reference``'s grid: equal spatial shapes, affines within 1e-3."""
+    ref_name = reference.meta.get("filename_or_obj", "reference image")
+    same_shape = data.shape[1:] == reference.shape[1:]
+    if not same_shape or not torch.allclose(data.affine, reference.affine.to(data.affine), atol=_GRID_ATOL):
+        raise input_error(
+            role,
+            path,
+            f"grid differs from its image '{ref_name}' (shape {tuple(data.shape[1:])} vs "
+            f"{tuple(reference.shape[1:])}; affine {_format_affine(data.affine)} vs "
+            f"{_format_affine(reference.affine)})",
+        )
+
+
 def load_label(path: PathLike, reference: MetaTensor, role: str = "label") -> MetaTensor:
     """Load an integer label map as int32 ``[1, X, Y, Z]`` that must lie on ``reference``'s grid.
 
@@ -155,17 +169,35 @@ def load_label(path: PathLike, reference: MetaTensor, role: str = "label") -> Me
         raise input_error(
             role, path, f"has labels from {low:.0f} to {high:.0f}, beyond the 32-bit integers written out"
         )
-    ref_name = reference.meta.get("filename_or_obj", "reference image")
-    same_shape = label.shape[1:] == reference.shape[1:]
-    if not same_shape or not torch.allclose(label.affine, reference.affine.to(label.affine), atol=_GRID_ATOL):
-        raise input_error(
-            role,
-            path,
-            f"grid differs from its image '{ref_name}' (shape {tuple(label.shape[1:])} vs "
-            f"{tuple(reference.shape[1:])}; affine {_format_affine(label.affine)} vs "
-            f"{_format_affine(reference.affine)})",
-        )
+    _check_same_grid(label, reference, role, path)
     return label.to(torch.int32)
+
+
+def load_mask(path: PathLike, reference: MetaTensor, role: str = "mask") -> MetaTensor:
+    """Load a binary mask as bool ``[1, X, Y, Z]`` (True inside) that must lie on ``reference``'s grid.
+
+    Binary means 0 and one other value (1, 255, ... in any integer or float type); the other value is inside.
+
+    Raises:
+        RegistrationInputError: naming ``role`` and ``path``, for the failures of :func:`load_image` other than
+            being constant, for more than two values, for an empty mask, and for a grid that differs from
+            ``reference``'s.
+    """
+    mask = _read(path, role)
+    bad = _count_nonfinite(mask)
+    if bad:
+        raise input_error(role, path, f"contains {bad} NaN/Inf values")
+    values = torch.unique(mask.as_tensor())
+    inside = values[values != 0]
+    if len(inside) > 1:
+        shown = ", ".join(f"{float(v):g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise input_error(
+            role, path, f"is not binary: it holds {len(values)} values ({shown}); a mask holds 0 and one other value"
+        )
+    if len(inside) == 0:
+        raise input_error(role, path, "is empty: no voxel is inside the mask")
+    _check_same_grid(mask, reference, role, path)
+    return mask != 0
 
 
 def world_bounds(image: MetaTensor) -> torch.Tensor:

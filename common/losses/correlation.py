@@ -26,11 +26,24 @@ class GlobalNormalizedCrossCorrelationLoss(_Loss):
         super().__init__(reduction=LossReduction(reduction).value)
         self.eps = eps
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``pred``, ``target``: ``[B, C, ...]`` of one shape."""
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``pred``, ``target``: ``[B, C, ...]`` of one shape; ``mask``: voxel weights in ``[0, 1]`` of that shape with
+        one channel (the correlation of the voxels inside it), or None."""
         if pred.shape != target.shape:
             raise ValueError(f"pred and target must have one shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
-        a = pred.flatten(1) - pred.flatten(1).mean(1, keepdim=True)
-        b = target.flatten(1) - target.flatten(1).mean(1, keepdim=True)
-        ncc = (a * b).mean(1) / torch.sqrt((a.pow(2).mean(1) + self.eps) * (b.pow(2).mean(1) + self.eps))
+        x, y = pred.flatten(1), target.flatten(1)
+        if mask is None:
+
+            def mean(v: torch.Tensor) -> torch.Tensor:
+                return v.mean(1, keepdim=True)
+
+        else:
+            w = mask.to(pred).expand_as(pred).flatten(1)
+            total = w.sum(1, keepdim=True).clamp(min=self.eps)
+
+            def mean(v: torch.Tensor) -> torch.Tensor:
+                return (w * v).sum(1, keepdim=True) / total
+
+        a, b = x - mean(x), y - mean(y)
+        ncc = (mean(a * b) / torch.sqrt((mean(a.pow(2)) + self.eps) * (mean(b.pow(2)) + self.eps)))[:, 0]
         return reduce_negated(ncc, self.reduction)

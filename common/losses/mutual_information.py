@@ -55,9 +55,16 @@ def grouped_mutual_information(
     )
 
 
-def _weights_mutual_information(wa: torch.Tensor, wb: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Mutual information (nats) from paired Parzen weights ``[..., N, bins]`` of two images -> ``[...]``."""
-    joint = wa.transpose(-1, -2) @ wb / wa.shape[-2]  # [..., bins, bins]
+def _weights_mutual_information(
+    wa: torch.Tensor, wb: torch.Tensor, eps: float = 1e-10, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mutual information (nats) from paired Parzen weights ``[..., N, bins]`` of two images -> ``[...]``; with a
+    ``mask`` ``[..., N]`` (weights in ``[0, 1]``), each sample counts by its weight."""
+    if mask is None:
+        joint = wa.transpose(-1, -2) @ wb / wa.shape[-2]  # [..., bins, bins]
+    else:
+        total = mask.sum(-1).clamp(min=eps)[..., None, None]
+        joint = (wa * mask[..., None]).transpose(-1, -2) @ wb / total
     pa, pb = joint.sum(-1), joint.sum(-2)
     h_ab = -(joint * torch.log(joint + eps)).sum((-1, -2))
     h_a = -(pa * torch.log(pa + eps)).sum(-1)
@@ -154,8 +161,10 @@ class MultiAxisMutualInformationLoss(_Loss):
             raise ValueError(f"axes must be a non-empty subset of (0, 1, 2), got {axes}.")
         self.num_bins, self.sigma_ratio, self.axes = num_bins, sigma_ratio, tuple(axes)
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``-MI`` of ``pred`` (warped moving) and ``target`` (fixed), in nats, averaged over slices and axes."""
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``-MI`` of ``pred`` (warped moving) and ``target`` (fixed), in nats, averaged over slices and axes; with a
+        ``mask`` ``[B, 1, X, Y, Z]`` (weights in ``[0, 1]``), over the voxels inside it, each slice weighted by its
+        share of the mask."""
         if pred.shape != target.shape or pred.ndim != 5 or pred.shape[1] != 1:
             raise ValueError(
                 f"expected pred and target of one shape [B, 1, X, Y, Z], got {tuple(pred.shape)} and {tuple(target.shape)}."
@@ -167,6 +176,11 @@ class MultiAxisMutualInformationLoss(_Loss):
         per_axis = []
         for axis in self.axes:
             a, b = (w.movedim(axis + 1, 1).flatten(2, 3) for w in (wa, wb))  # [B, slices, slice voxels, bins]
-            per_axis.append(_weights_mutual_information(a, b).mean(1))
+            if mask is None:
+                per_axis.append(_weights_mutual_information(a, b).mean(1))
+                continue
+            m = mask[:, 0].to(a).movedim(axis + 1, 1).flatten(2)  # [B, slices, slice voxels]
+            share = m.sum(-1) / m.sum((1, 2)).clamp(min=1e-10)[:, None]
+            per_axis.append((_weights_mutual_information(a, b, mask=m) * share).sum(1))
         mi = torch.stack(per_axis, 1).mean(1)
         return reduce_negated(mi, self.reduction)

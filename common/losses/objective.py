@@ -46,16 +46,20 @@ class EngineTerm(nn.Module):
 
 
 class ImageSimilarity(nn.Module):
-    """``similarity(warped, fixed)``: a similarity loss of the warped moving image and the fixed image."""
+    """``similarity(warped, fixed)``: a similarity loss of the warped moving image and the fixed image; given the
+    objective's ``mask`` (the pair's masks), ``similarity(warped, fixed, mask=mask)``, inside it only."""
 
     inputs = ("warped", "fixed")
+    optional_inputs = ("mask",)
 
     def __init__(self, similarity: nn.Module) -> None:
         super().__init__()
         self.similarity = similarity
 
-    def forward(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return self.similarity(warped, fixed)
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return self.similarity(warped, fixed)
+        return self.similarity(warped, fixed, mask=mask)
 
 
 class TeacherDistillationLoss(nn.Module):
@@ -119,11 +123,14 @@ class RegistrationObjective(nn.Module):
     """``sum_k w_k term_k(inputs)``: the loss every engine minimises (instance optimisation, test-time optimisation,
     training), its terms and weights declared in the bundle's config.
 
-    Each term (:class:`RegistrationTerm`) reads the inputs it names from those the engine passes, e.g. ``ddf``
+    Each term (:class:`RegistrationTerm`) reads the inputs it names (and, when present, its ``optional_inputs``, by
+    keyword) from those the engine passes, e.g. ``ddf``
     ``[B, 3, X, Y, Z]`` (voxels, pull-back), ``fixed`` and ``moving`` ``[B, 1, X, Y, Z]``, ``velocity``, a teacher's
     ``teacher_ddf``, label maps, a known ``target_ddf``, or a value the engine computed itself (:class:`EngineTerm`).
     Given ``fixed``, ``moving`` and ``ddf``, the objective smooths both images (``image_sigma``) and derives ``warped``
-    (``moving`` warped by ``ddf``) when a term reads it and the engine did not pass it. Terms weighted 0 are not
+    (``moving`` warped by ``ddf``) when a term reads it and the engine did not pass it; given ``fixed_mask`` and/or
+    ``moving_mask`` ``[B, 1, X, Y, Z]`` (1 inside; the moving one before warping), it derives ``mask``, their product
+    after warping the moving one by ``ddf`` (no gradient: the field is not rewarded for moving the mask). Terms weighted 0 are not
     computed. The last value of each term is kept in :attr:`values`, for logging.
 
     Args:
@@ -151,6 +158,15 @@ class RegistrationObjective(nn.Module):
         """Whether a term weighted above 0 reads input ``name``."""
         return any(self.weights[k] and name in term.inputs for k, term in self.terms.items())
 
+    @staticmethod
+    def _mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            mask = inputs.get("fixed_mask")
+            if "moving_mask" in inputs:
+                warped = warp(inputs["moving_mask"].float(), inputs["ddf"], padding_mode="zeros")
+                mask = warped if mask is None else mask.float() * warped
+            return mask.float()
+
     def forward(self, **inputs: torch.Tensor | None) -> torch.Tensor:
         active = {name: term for name, term in self.terms.items() if self.weights[name]}
         available = {k: v for k, v in inputs.items() if v is not None}
@@ -159,11 +175,14 @@ class RegistrationObjective(nn.Module):
             available["moving"] = self.smooth_images(available["moving"])
         if "warped" not in available and "moving" in available and "ddf" in available and self.needs("warped"):
             available["warped"] = warp(available["moving"], available["ddf"])
+        if "fixed_mask" in available or "moving_mask" in available:
+            available["mask"] = self._mask(available)
         values = {}
         for name, term in active.items():
             missing = [k for k in term.inputs if k not in available]
             if missing:
                 raise ValueError(f"the objective's term {name!r} needs {', '.join(missing)}, which this engine lacks.")
-            values[name] = term(*(available[k] for k in term.inputs))
+            optional = {k: available[k] for k in getattr(term, "optional_inputs", ()) if k in available}
+            values[name] = term(*(available[k] for k in term.inputs), **optional)
         self.values = {name: float(value.detach()) for name, value in values.items()}
         return torch.stack([self.weights[name] * value for name, value in values.items()]).sum()

@@ -6,15 +6,27 @@ from .fields import (
     warp,
 )
 from .grids import identity_grid, scaled_shape
-from .sampling import block_points, random_blocks, random_voxels, sample_at, warp_at
+from .sampling import (
+    block_points,
+    mask_tiles,
+    random_blocks,
+    random_blocks_in,
+    random_voxels,
+    random_voxels_in,
+    sample_at,
+    warp_at,
+)
 
 __all__ = [
     "block_points",
     "identity_grid",
     "invert_ddf",
     "jacobian_determinant",
+    "mask_tiles",
     "random_blocks",
+    "random_blocks_in",
     "random_voxels",
+    "random_voxels_in",
     "resize_ddf",
     "sample_at",
     "scaled_shape",

@@ -10,6 +10,7 @@ from .contrastive import (
 from .curves import TrainingCurve
 from .data import HELD_OUT_SUBJECTS, label_maps, select_subjects
 from .distributed import on_rank
+from .reference import ReferenceDisplacementd
 from .registration import PairDiceIteration, PairRegistrationIteration, ordered_pairs
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PairRegistrationIteration",
     "RandContrastViewsd",
     "RandShiftedViewsd",
+    "ReferenceDisplacementd",
     "RetrievalIteration",
     "TrainingCheckpoint",
     "TrainingCurve",

@@ -12,7 +12,7 @@ from monai.utils import convert_to_tensor, ensure_tuple_rep
 
 from common.spatial.fields import resize_ddf, scaling_and_squaring, warp
 
-__all__ = ["RandDiffeomorphicWarpd", "random_velocity"]
+__all__ = ["ComposeDisplacementd", "RandDiffeomorphicWarpd", "random_velocity"]
 
 
 def random_velocity(
@@ -98,4 +98,35 @@ class RandDiffeomorphicWarpd(RandomizableTransform, MapTransform):
             d[key] = image
         if self.ddf_key is not None:
             d[self.ddf_key] = ddf[0]
+        return d
+
+
+class ComposeDisplacementd(MapTransform):
+    """Re-express fields after the grid they live on was itself deformed: each key's displacement ``v`` becomes
+    ``u + v(x + u)``, the displacement of ``x -> phi_v(phi_u(x))``, where ``u`` is ``ddf_key``'s.
+
+    Used when the fixed image of a pair with a known field ``v`` (fixed -> moving) is warped once more by ``u``
+    (:class:`RandDiffeomorphicWarpd` with its ``ddf_key``): the composed field maps the warped fixed image's points to
+    the moving image. All fields are pull-back displacements ``[3, X, Y, Z]`` in voxels on one grid.
+
+    Args:
+        keys: the displacements to re-express.
+        ddf_key: the displacement the grid was deformed by.
+    """
+
+    def __init__(self, keys: KeysCollection, ddf_key: str, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ddf_key = ddf_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        first = convert_to_tensor(d[self.ddf_key], track_meta=False)
+        for key in keys:
+            then = convert_to_tensor(d[key], track_meta=False).to(device=first.device, dtype=first.dtype)
+            if then.shape != first.shape:
+                raise ValueError(f"{key} has shape {tuple(then.shape)}, {self.ddf_key} {tuple(first.shape)}.")
+            d[key] = first + warp(then[None], first[None])[0]
         return d

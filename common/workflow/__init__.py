@@ -5,7 +5,7 @@ from .device import resolve_device
 from .evaluator import RegistrationEvaluator
 from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
-from .pairs import LoadRegistrationPaird, build_pairs, bundle_root
+from .pairs import LoadRegistrationPaird, build_pairs, bundle_component, bundle_root
 from .postprocessing import InverseOnMovingGridd, JacobianDeterminantd, RegistrationMetricsd, WarpMovingd
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "RegistrationMetricsd",
     "WarpMovingd",
     "build_pairs",
+    "bundle_component",
     "bundle_root",
     "check_command_line",
     "input_error_cause",

@@ -160,8 +160,15 @@ class RegistrationEvaluator(Evaluator):
             if key in pair:
                 output[key] = pair[key]
         output["moving_on_fixed"] = resample_to_grid(output["moving"], a_moving, a_fixed, shape)
+        masks = {"fixed_mask": None, "moving_mask": None}
+        if "fixed_mask" in pair:
+            masks["fixed_mask"] = pair["fixed_mask"].as_tensor().float().to(self.state.device)[None]
+        if "moving_mask" in pair:
+            moving_mask = pair["moving_mask"].as_tensor().float().to(self.state.device)
+            masks["moving_mask"] = resample_to_grid(moving_mask, a_moving, a_fixed, shape)[None]
+        output["mask_paths"] = {k: pair.get(f"{k}_path") for k in masks}
         loaded = time.perf_counter()
-        result = self.inferer(output["fixed"][None], output["moving_on_fixed"][None], spacing)
+        result = self.inferer(output["fixed"][None], output["moving_on_fixed"][None], spacing, **masks)
         output["ddf"], output["stats"] = result.ddf, result.stats
         if result.inverse_ddf is not None:
             output["inverse_ddf"] = result.inverse_ddf

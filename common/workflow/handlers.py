@@ -127,6 +127,7 @@ class MetricsWriter(PairOutputHandler):
             "device": str(device),
             "fixed": output["fixed_path"],
             "moving": output["moving_path"],
+            **output.get("mask_paths", {}),
             "iterations": sum(stats.iterations),
             "iterations_per_stage": stats.iterations,
             "final_loss": stats.final_loss,

@@ -7,19 +7,39 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from common.io import RegistrationInputError, check_overlap, load_image, load_label, load_landmarks
+from common.io import RegistrationInputError, check_overlap, load_image, load_label, load_landmarks, load_mask
 from common.sample import sample_pair
 
-PATH_KEYS = ("fixed", "moving", "fixed_label", "moving_label", "fixed_landmarks", "moving_landmarks")
+PATH_KEYS = (
+    "fixed",
+    "moving",
+    "fixed_label",
+    "moving_label",
+    "fixed_landmarks",
+    "moving_landmarks",
+    "fixed_mask",
+    "moving_mask",
+)
 
 
 def bundle_root(name: str) -> str:
     """Folder of bundle ``name``: ``bundles/<name>`` beside the installed ``common`` package, else under the cwd."""
     beside = Path(__file__).resolve().parents[2] / "bundles" / name
     return str(beside if beside.is_dir() else Path.cwd() / "bundles" / name)
+
+
+def bundle_component(name: str, id: str, overrides: Mapping[str, Any] | None = None, config: str = "inference") -> Any:
+    """Component ``id`` of bundle ``name``'s ``configs/<config>.json``, with ``overrides`` (id -> content) applied:
+    another bundle's method used as part of this one (its registration as a training target, say)."""
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_root(name)) / "configs" / f"{config}.json"))
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser.get_parsed_content(id)
 
 
 def _check_companions(pair: Mapping[str, Any], where: str = "") -> None:
@@ -66,6 +86,8 @@ def build_pairs(
     fixed_landmarks: str | None = None,
     moving_landmarks: str | None = None,
     datalist: str | None = None,
+    fixed_mask: str | None = None,
+    moving_mask: str | None = None,
 ) -> list[dict[str, Any]]:
     """Pairs to register, each a dict of paths plus ``"id"`` (``""`` for a single pair: outputs go to the root).
 
@@ -81,10 +103,12 @@ def build_pairs(
         "moving_label": moving_label,
         "fixed_landmarks": fixed_landmarks,
         "moving_landmarks": moving_landmarks,
+        "fixed_mask": fixed_mask,
+        "moving_mask": moving_mask,
     }
     if not fixed and not moving:
         if any(given.values()):
-            raise RegistrationInputError("labels or landmarks were given without --fixed and --moving")
+            raise RegistrationInputError("labels, landmarks or masks were given without --fixed and --moving")
         return [{**sample_pair(), "id": ""}]
     if not fixed or not moving:
         raise RegistrationInputError(f"--{'fixed' if not fixed else 'moving'} is missing: give both images")
@@ -95,8 +119,8 @@ def build_pairs(
 class LoadRegistrationPaird(MapTransform):
     """Load and validate a pair's images, label maps and landmarks (see :mod:`common.io`).
 
-    Images become ``MetaTensor [1, X, Y, Z]`` (RAS affine), labels ``int32`` on their image's grid, landmarks
-    ``[N, 3]`` RAS mm. Raises :class:`~common.io.RegistrationInputError` naming the file and the problem.
+    Images become ``MetaTensor [1, X, Y, Z]`` (RAS affine), labels ``int32`` and masks ``bool`` on their image's
+    grid, landmarks ``[N, 3]`` RAS mm. Raises :class:`~common.io.RegistrationInputError` naming the file and the problem.
 
     Args:
         landmark_convention: ``"auto"``, ``"LPS"`` or ``"RAS"`` for landmark CSVs without a header saying which.
@@ -115,6 +139,9 @@ class LoadRegistrationPaird(MapTransform):
         for key in ("fixed", "moving"):
             if d.get(f"{key}_label"):
                 d[f"{key}_label"] = load_label(d[f"{key}_label"], d[key], role=f"{key} label map")
+            if d.get(f"{key}_mask"):
+                d[f"{key}_mask_path"] = d[f"{key}_mask"]
+                d[f"{key}_mask"] = load_mask(d[f"{key}_mask"], d[key], role=f"{key} mask")
             if d.get(f"{key}_landmarks"):
                 d[f"{key}_landmarks"] = load_landmarks(
                     d[f"{key}_landmarks"], self.landmark_convention, role=f"{key} landmarks"
