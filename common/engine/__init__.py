@@ -1,3 +1,4 @@
+from .affine import AffineRegistration, AffineResult
 from .finetuning import TestTimeOptimizationInferer, working_shape
 from .optimizer import BestState, create_pair_engine
 from .protocols import (
@@ -11,6 +12,8 @@ from .protocols import (
 from .registration import InstanceOptimizationInferer, downsample_image
 
 __all__ = [
+    "AffineRegistration",
+    "AffineResult",
     "BestState",
     "InstanceOptimizationInferer",
     "InvertibleModel",

@@ -13,7 +13,7 @@ from .image import (
 )
 from .landmarks import load_landmarks
 from .resample import resample_to_grid
-from .writers import atomic_write, save_csv, save_ddf_itk, save_image, save_json, save_series
+from .writers import atomic_write, save_affine_itk, save_csv, save_ddf_itk, save_image, save_json, save_series
 
 __all__ = [
     "RegistrationInputError",
@@ -29,6 +29,7 @@ __all__ = [
     "load_mask",
     "load_series",
     "resample_to_grid",
+    "save_affine_itk",
     "save_csv",
     "save_ddf_itk",
     "save_image",

@@ -100,6 +100,30 @@ def save_ddf_itk(ddf: NdarrayOrTensor, fixed_affine_ras: NdarrayOrTensor, path: 
     _save_nifti(vectors, fixed_affine_ras, path, intent="vector")
 
 
+def save_affine_itk(matrix_ras: NdarrayOrTensor, path: PathLike) -> None:
+    """Write a world-space affine map as the ITK transform file ANTs writes (``0GenericAffine.mat``): MATLAB v4 with
+    ``AffineTransform_double_3_3`` (the LPS matrix row by row, then the translation) and ``fixed`` (its centre, 0).
+
+    Args:
+        matrix_ras: 4x4 map of a fixed-image point to the moving image's point, RAS mm (ITK's transforms map fixed
+            points to moving ones: ``antsApplyTransforms -t affine.mat`` and ITK's resampler read it as such).
+        path: output file, ``.mat``.
+    """
+    from scipy.io import savemat
+
+    matrix = convert_to_numpy(matrix_ras, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"save_affine_itk expects a 4x4 matrix, got shape {matrix.shape}.")
+    if not str(path).endswith(".mat"):
+        raise ValueError(f"save_affine_itk writes a .mat file, got {path}.")
+    lps = np.eye(4)
+    lps[:3, :3] = _RAS_TO_LPS
+    converted = lps @ matrix @ lps  # diag(-1, -1, 1, 1) is its own inverse
+    parameters = np.concatenate([converted[:3, :3].reshape(-1), converted[:3, 3]])[:, None]
+    with atomic_write(Path(path)) as tmp, open(tmp, "wb") as f:
+        savemat(f, {"AffineTransform_double_3_3": parameters, "fixed": np.zeros((3, 1))}, format="4")
+
+
 def _to_builtin(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
         return value.tolist()

@@ -28,6 +28,7 @@ def tre(
     moving_pts_ras: torch.Tensor | np.ndarray,
     ddf_vox: torch.Tensor | np.ndarray,
     fixed_affine: torch.Tensor | np.ndarray,
+    fixed_to_moving: torch.Tensor | np.ndarray | None = None,
 ) -> torch.Tensor:
     """Target registration error of each landmark pair, in mm.
 
@@ -40,6 +41,7 @@ def tre(
         moving_pts_ras: [N, 3] corresponding moving landmarks, RAS world mm.
         ddf_vox: displacement [3, X, Y, Z] in voxel units of the fixed grid (channel c along array axis c).
         fixed_affine: [4, 4] voxel -> RAS world affine of the fixed grid.
+        fixed_to_moving: [4, 4] world map applied after the displacement (an affine pre-alignment), or None.
 
     Returns:
         [N] float64 errors in mm, on the device of ``ddf_vox``.
@@ -58,4 +60,7 @@ def tre(
     idx = (torch.linalg.inv(affine) @ F.pad(fixed, (0, 1), value=1.0).T).T[:, :3]
     disp = _sample_ddf(u, idx).to(torch.float64)
     mapped = fixed + disp @ affine[:3, :3].T
+    if fixed_to_moving is not None:
+        outer = convert_to_tensor(fixed_to_moving, **as64)
+        mapped = mapped @ outer[:3, :3].T + outer[:3, 3]
     return torch.linalg.norm(mapped - moving, dim=1)

@@ -18,8 +18,14 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import Transform
 
-from common.engine import PairRegistration
-from common.io import RegistrationInputError, RegistrationOutputError, check_device_memory, resample_to_grid
+from common.engine import AffineRegistration, PairRegistration
+from common.io import (
+    RegistrationInputError,
+    RegistrationOutputError,
+    check_device_memory,
+    check_overlap,
+    resample_to_grid,
+)
 
 from .cli import input_error_cause, os_error_cause
 from .device import resolve_device
@@ -57,6 +63,9 @@ class RegistrationEvaluator(Evaluator):
         postprocessing: transform of the per-pair output dict, e.g. warping and measuring.
         val_handlers: the writers and, for a datalist, :class:`~common.workflow.PairSummary`.
         memory_per_voxel: bytes per fixed-grid voxel that registration needs, for the memory check.
+        affine: the affine pre-alignment (:class:`~common.engine.AffineRegistration`); when it runs, the moving image
+            (and mask) reach the fixed grid through it, and the output gets ``fixed_to_moving``. Without one, or with
+            its mode ``"false"``, fixed and moving must overlap in world space through their headers.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class RegistrationEvaluator(Evaluator):
         postprocessing: Transform | None = None,
         val_handlers: Sequence | None = None,
         memory_per_voxel: int = 400,
+        affine: AffineRegistration | None = None,
     ) -> None:
         super().__init__(
             device=resolve_device(device),
@@ -78,7 +88,7 @@ class RegistrationEvaluator(Evaluator):
         )
         self.dataset, self.inferer = dataset, inferer
         self.output_dir = Path(output_dir)
-        self.memory_per_voxel = memory_per_voxel
+        self.memory_per_voxel, self.affine = memory_per_voxel, affine
         self.output_names = tuple(
             name for h in val_handlers or () if isinstance(h, PairOutputHandler) for name in h.filenames
         )
@@ -159,16 +169,31 @@ class RegistrationEvaluator(Evaluator):
         for key in ("fixed_landmarks", "moving_landmarks"):
             if key in pair:
                 output[key] = pair[key]
-        output["moving_on_fixed"] = resample_to_grid(output["moving"], a_moving, a_fixed, shape)
-        masks = {"fixed_mask": None, "moving_mask": None}
-        if "fixed_mask" in pair:
-            masks["fixed_mask"] = pair["fixed_mask"].as_tensor().float().to(self.state.device)[None]
-        if "moving_mask" in pair:
-            moving_mask = pair["moving_mask"].as_tensor().float().to(self.state.device)
-            masks["moving_mask"] = resample_to_grid(moving_mask, a_moving, a_fixed, shape)[None]
+        masks = {
+            k: pair[k].as_tensor().float().to(self.state.device) for k in ("fixed_mask", "moving_mask") if k in pair
+        }
+        a_sample = a_fixed
+        if self.affine is None or self.affine.mode == "false":
+            check_overlap(fixed, moving)
+        else:
+            output["affine"] = self.affine(output["fixed"], output["moving"], a_fixed, a_moving, **masks)
+            if output["affine"].ran:
+                output["fixed_to_moving"] = output["affine"].matrix
+                a_sample = output["fixed_to_moving"] @ a_fixed
+        output["moving_on_fixed"] = resample_to_grid(output["moving"], a_moving, a_sample, shape)
+        if "fixed_mask" in masks:
+            masks["fixed_mask"] = masks["fixed_mask"][None]
+        if "moving_mask" in masks:
+            masks["moving_mask"] = resample_to_grid(masks["moving_mask"], a_moving, a_sample, shape)[None]
         output["mask_paths"] = {k: pair.get(f"{k}_path") for k in masks}
         loaded = time.perf_counter()
-        result = self.inferer(output["fixed"][None], output["moving_on_fixed"][None], spacing, **masks)
+        result = self.inferer(
+            output["fixed"][None],
+            output["moving_on_fixed"][None],
+            spacing,
+            fixed_mask=masks.get("fixed_mask"),
+            moving_mask=masks.get("moving_mask"),
+        )
         output["ddf"], output["stats"] = result.ddf, result.stats
         if result.inverse_ddf is not None:
             output["inverse_ddf"] = result.inverse_ddf

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
-from common.io import save_csv, save_ddf_itk, save_image, save_json
+from common.io import save_affine_itk, save_csv, save_ddf_itk, save_image, save_json
 from common.visualize import save_qc_figure
 
 __all__ = ["ImageWriter", "MetricsWriter", "PairOutputHandler", "PairSummary", "QCFigureWriter"]
@@ -48,14 +48,24 @@ class PairOutputHandler(ABC):
 class ImageWriter(PairOutputHandler):
     """``warped.nii.gz``, ``ddf.nii.gz`` (ITK/ANTs convention), ``jacobian.nii.gz`` and, with labels,
     ``warped_label.nii.gz``, all on the fixed grid; ``inverse_ddf.nii.gz`` (same convention) on the moving grid, when
-    the engine gave an inverse (:class:`~common.workflow.InverseOnMovingGridd`)."""
+    the engine gave an inverse (:class:`~common.workflow.InverseOnMovingGridd`); ``affine.mat`` (ITK/ANTs), when an
+    affine stage ran."""
 
-    filenames = ("warped.nii.gz", "ddf.nii.gz", "jacobian.nii.gz", "warped_label.nii.gz", "inverse_ddf.nii.gz")
+    filenames = (
+        "warped.nii.gz",
+        "ddf.nii.gz",
+        "affine.mat",
+        "jacobian.nii.gz",
+        "warped_label.nii.gz",
+        "inverse_ddf.nii.gz",
+    )
 
     def write(self, output: dict[str, Any], folder: Path) -> None:
         affine = output["fixed_affine"].numpy()
         save_image(output["warped"][0].cpu(), affine, folder / "warped.nii.gz", dtype=np.float32)
         save_ddf_itk(output["ddf"][0].detach().cpu(), affine, folder / "ddf.nii.gz")
+        if "fixed_to_moving" in output:
+            save_affine_itk(output["fixed_to_moving"], folder / "affine.mat")
         save_image(output["jacobian"].cpu(), affine, folder / "jacobian.nii.gz", dtype=np.float32)
         if "warped_label" in output:
             save_image(output["warped_label"][0].cpu(), affine, folder / "warped_label.nii.gz", dtype=np.int32)
@@ -128,6 +138,7 @@ class MetricsWriter(PairOutputHandler):
             "fixed": output["fixed_path"],
             "moving": output["moving_path"],
             **output.get("mask_paths", {}),
+            **({"affine": output["affine"].summary()} if "affine" in output else {}),
             "iterations": sum(stats.iterations),
             "iterations_per_stage": stats.iterations,
             "final_loss": stats.final_loss,

@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from common.io import RegistrationInputError, check_overlap, load_image, load_label, load_landmarks, load_mask
+from common.io import RegistrationInputError, load_image, load_label, load_landmarks, load_mask
 from common.sample import sample_pair
 
 PATH_KEYS = (
@@ -135,7 +135,6 @@ class LoadRegistrationPaird(MapTransform):
         for key in ("fixed", "moving"):
             d[f"{key}_path"] = d[key]
             d[key] = load_image(d[key], role=f"{key} image")
-        check_overlap(d["fixed"], d["moving"])
         for key in ("fixed", "moving"):
             if d.get(f"{key}_label"):
                 d[f"{key}_label"] = load_label(d[f"{key}_label"], d[key], role=f"{key} label map")

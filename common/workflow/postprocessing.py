@@ -4,7 +4,8 @@ The output holds ``fixed`` ``[1, X, Y, Z]`` and ``moving`` ``[1, U, V, W]`` (eac
 registration device), their 4x4 RAS affines ``fixed_affine`` and ``moving_affine`` (float64), ``ddf``
 ``[1, 3, X, Y, Z]`` (pull-back displacement in fixed-grid voxels), ``spacing`` (fixed voxel size, mm) and, when
 given, ``fixed_label``/``moving_label`` (int, on their image's grid) and ``fixed_landmarks``/``moving_landmarks``
-(``[N, 3]`` RAS mm).
+(``[N, 3]`` RAS mm). ``fixed_to_moving`` (4x4 float64, RAS mm), when present, is the affine pre-alignment: a fixed
+point ``x`` maps to ``T(x + ddf(x))`` in the moving image's world (ANTs' order: the field, then the affine).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
 from common.io import resample_to_grid
 from common.metrics import dice_per_label, hd95_per_label, mean_dict, ndv_percent, nonpositive_jacobian_percent, tre
-from common.spatial import jacobian_determinant
+from common.spatial import identity_grid, jacobian_determinant
 
 __all__ = ["InverseOnMovingGridd", "JacobianDeterminantd", "RegistrationMetricsd", "WarpMovingd"]
 
@@ -48,16 +50,26 @@ class WarpMovingd(MapTransform):
         shape = d["fixed"].shape[1:]
         for key, out, mode in self.key_iterator(d, self.output_keys, self.mode):
             with torch.no_grad():
-                d[out] = resample_to_grid(d[key], d["moving_affine"], d["fixed_affine"], shape, d["ddf"][0], mode)
+                d[out] = resample_to_grid(d[key], d["moving_affine"], sampling_affine(d), shape, d["ddf"][0], mode)
         return d
+
+
+def sampling_affine(data: Mapping[Hashable, Any]) -> torch.Tensor:
+    """The fixed grid's voxel-to-world map into the moving image's world: ``T A_fixed`` (``A_fixed`` without an
+    affine stage)."""
+    if "fixed_to_moving" not in data:
+        return data["fixed_affine"]
+    return data["fixed_to_moving"].to(data["fixed_affine"]) @ data["fixed_affine"]
 
 
 class InverseOnMovingGridd(MapTransform):
     """The inverse displacement, given on the fixed grid in its voxels (``inverse_ddf``: ``y -> y + w(y)`` undoes the
-    registration), resampled onto the moving image's own grid in its voxels, ``[1, 3, U, V, W]``: at moving voxel
-    ``m``, ``(A_m^-1 A_f)[:3, :3] w(A_f^-1 A_m m)``, so that ``m`` plus it is where the fixed image's content at that
-    place comes from (ITK's convention for warping the fixed image, or fixed-space labels, onto the moving grid).
-    Moving voxels outside the fixed grid keep a zero displacement."""
+    deformable part), as one field on the moving image's own grid in its voxels, ``[1, 3, U, V, W]``, the affine
+    pre-alignment's inverse folded in: moving voxel ``m`` (world ``A_m m``) goes to fixed voxel
+    ``x = A_f^-1 T^-1 A_m m`` and on to ``x + w(x)``, so that ``m`` plus the field is where the fixed image's content at
+    that place comes from (ITK's convention for warping the fixed image, or fixed-space labels, onto the moving grid).
+    Without an affine stage (``T`` the identity) this is ``(A_m^-1 A_f)[:3, :3] w(A_f^-1 A_m m)``; where ``x`` falls
+    outside the fixed grid, ``w`` is zero."""
 
     def __init__(self, keys: KeysCollection = "inverse_ddf", output_key: str = "inverse_ddf_moving") -> None:
         super().__init__(keys, allow_missing_keys=True)
@@ -66,11 +78,20 @@ class InverseOnMovingGridd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            a_fixed, a_moving = d["fixed_affine"], d["moving_affine"]
+            a_fixed, a_moving, shape = d["fixed_affine"], d["moving_affine"], d["moving"].shape[1:]
             with torch.no_grad():
-                on_moving = resample_to_grid(d[key][0], a_fixed, a_moving, d["moving"].shape[1:])
-                linear = (torch.linalg.inv(a_moving) @ a_fixed)[:3, :3].to(on_moving)
-                d[self.output_key] = torch.einsum("ij,j...->i...", linear, on_moving)[None]
+                if "fixed_to_moving" not in d:
+                    on_moving = resample_to_grid(d[key][0], a_fixed, a_moving, shape)
+                    linear = (torch.linalg.inv(a_moving) @ a_fixed)[:3, :3].to(on_moving)
+                    d[self.output_key] = torch.einsum("ij,j...->i...", linear, on_moving)[None]
+                    continue
+                back = torch.linalg.inv(d["fixed_to_moving"].to(a_fixed)) @ a_moving  # moving voxel -> fixed world
+                on_moving = resample_to_grid(d[key][0], a_fixed, back, shape).to(torch.float64)
+                index = identity_grid(shape, device=on_moving.device, dtype=torch.float64).reshape(3, -1)
+                affine_part = ((back - a_moving) @ F.pad(index, (0, 0, 0, 1), value=1.0))[:3]  # mm
+                world = affine_part + a_fixed[:3, :3].to(on_moving) @ on_moving.reshape(3, -1)
+                voxels = torch.linalg.inv(a_moving[:3, :3]).to(world) @ world
+                d[self.output_key] = voxels.reshape(1, 3, *shape).to(d[key].dtype)
         return d
 
 
@@ -130,7 +151,7 @@ class RegistrationMetricsd(MapTransform):
             fixed_pts, moving_pts, affine = d["fixed_landmarks"], d["moving_landmarks"], d["fixed_affine"]
             errors = {
                 "before": tre(fixed_pts, moving_pts, torch.zeros_like(ddf), affine),
-                "after": tre(fixed_pts, moving_pts, ddf, affine),
+                "after": tre(fixed_pts, moving_pts, ddf, affine, d.get("fixed_to_moving")),
             }
             metrics["tre_mm"] = {k: {"mean": float(v.mean()), "per_point": v.tolist()} for k, v in errors.items()}
         for key in self.keys:
