@@ -48,15 +48,16 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
 
 
-def run_ants(args: argparse.Namespace, **options: object) -> float:
-    """ANTs ``SyNOnly`` (antspyx defaults: Mattes mutual information) with ``options`` passed to the registration."""
+def run_ants(args: argparse.Namespace, transform: str = "SyNOnly", **options: object) -> float:
+    """ANTs ``transform`` (``SyNOnly``, or ``SyN``: affine then SyN; antspyx defaults: Mattes mutual information) with
+    ``options`` passed to the registration."""
     import ants
 
     start = time.perf_counter()
     work = args.output_dir / "ants_transforms"
     work.mkdir(parents=True, exist_ok=True)
     fixed, moving = ants.image_read(str(args.fixed)), ants.image_read(str(args.moving))
-    reg = ants.registration(fixed, moving, type_of_transform="SyNOnly", outprefix=str(work / "tx_"), **options)
+    reg = ants.registration(fixed, moving, type_of_transform=transform, outprefix=str(work / "tx_"), **options)
     warped_label = ants.apply_transforms(
         fixed, ants.image_read(str(args.moving_label)), reg["fwdtransforms"], interpolator="nearestNeighbor"
     )
@@ -150,10 +151,12 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 # the methods that are not the collection's bundles: config overrides do not apply to them
-PEERS = ("ants_default", "ants_strong", "convexadam")
+PEERS = ("ants_default", "ants_strong", "ants_syn", "convexadam")
 METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "ants_default": run_ants,
     "ants_strong": lambda args: run_ants(args, reg_iterations=(100, 70, 50)),
+    # affine then SyN, for pairs that are not pre-aligned
+    "ants_syn": lambda args: run_ants(args, "SyN"),
     "convexadam": run_convexadam,
     "node_mind": lambda args: run_bundle(args, "node_mind", **args.overrides),
     "node_lmi": lambda args: run_bundle(args, "node_lmi", **args.overrides),

@@ -10,6 +10,9 @@ Datasets:
     heldout_t2   ordered pairs (up to all 12) of the four label maps that no trained model of the collection sees in
                  training (``HELD_OUT``), T1-like moving vs T2-like fixed, at 2 mm;
     heldout_flair, heldout_pd  the same pairs, T1-like moving vs FLAIR-like or PD-like fixed, at 2 mm;
+    heldout_t2_moved  the heldout_t2 pairs with the moving scan moved in world space by a random affine map about its
+                 centre (rotation up to 10 degrees about each axis, translation up to 10 mm, scaling up to 10 %,
+                 shear up to 0.05; seeded per pair): what an affine stage must undo;
     tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training
                  maps), at 2 mm: where hyperparameters are chosen, so that the held-out sets stay untouched;
     tuning_t2_1mm, tuning_flair_1mm, tuning_pd_1mm  the same tuning pairs at 1 mm, for settings that matter at full
@@ -74,6 +77,7 @@ FIXED_CONTRASTS = ("t2", "flair", "pd")
 DATASETS = (
     ("t1_real", "mm_1mm", "mm_2mm")
     + tuple(f"heldout_{c}" for c in FIXED_CONTRASTS)
+    + ("heldout_t2_moved",)
     + tuple(f"tuning_{c}" for c in FIXED_CONTRASTS)
     + tuple(f"tuning_{c}_1mm" for c in FIXED_CONTRASTS)
 )
@@ -176,6 +180,46 @@ def downsampled_pair(pair: Pair, cache: Path, seed: int, dataset: str = "mm_2mm"
             data = downsample_labels(data) if key.endswith("label") else downsample_image(data)
             save_nifti(data, downsample_affine(image.affine), path)
     return Pair(dataset, pair.name, groups=FREESURFER_GROUPS, **files)
+
+
+def random_affine(rng: np.random.Generator) -> np.ndarray:
+    """A 4x4 map about the origin: rotations up to 10 degrees, translation up to 10 mm, scaling up to 10 %, shear up to
+    0.05, each uniform."""
+    from scipy.spatial.transform import Rotation
+
+    rotation = Rotation.from_euler("xyz", rng.uniform(-10, 10, 3), degrees=True).as_matrix()
+    shear = np.eye(3)
+    shear[np.triu_indices(3, 1)] = rng.uniform(-0.05, 0.05, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag(rng.uniform(0.9, 1.1, 3)) @ shear
+    matrix[:3, 3] = rng.uniform(-10, 10, 3)
+    return matrix
+
+
+def moved_pair(pair: Pair, cache: Path, seed: int, dataset: str) -> Pair:
+    """``pair`` with its moving image and labels moved in world space by :func:`random_affine` about the moving image's
+    centre (resampled on their own grid: linear for the image, nearest for the labels; a sheared map cannot live in
+    an ITK header), written once into ``cache``, as a pair of ``dataset``."""
+    from scipy.ndimage import affine_transform
+
+    files = pair_files(cache / dataset / f"seed{seed}" / pair.name)
+    if not all(path.exists() for path in files.values()):
+        moving = nib.load(str(pair.moving))
+        centre = moving.affine @ np.append((np.array(moving.shape) - 1) / 2, 1.0)
+        about = np.eye(4)
+        about[:3, 3] = centre[:3]
+        rng = np.random.default_rng([seed, *(int(c) for c in pair.name if c.isdigit())])
+        matrix = about @ random_affine(rng) @ np.linalg.inv(about)
+        # output voxel v shows what the unmoved image has at world point M^-1 A v
+        pull = np.linalg.inv(moving.affine) @ np.linalg.inv(matrix) @ moving.affine
+        for key, path in files.items():
+            image = nib.load(str(getattr(pair, key)))
+            data = np.asanyarray(image.dataobj)
+            if key.startswith("moving"):
+                order = 0 if key.endswith("label") else 1
+                data = affine_transform(data, pull[:3, :3], pull[:3, 3], order=order, mode="constant", cval=0)
+            save_nifti(data, image.affine, path)
+    return Pair(dataset, pair.name, groups=pair.groups, **files)
 
 
 def load_label_map(path: Path) -> nib.Nifti1Image:
@@ -299,6 +343,9 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
                 rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast, f"{name}_1mm") for m, f in chosen]
                 pairs += rendered if f"{name}_1mm" in datasets else []
                 pairs += [downsampled_pair(pair, cache, seed, name) for pair in rendered] if name in datasets else []
+                if f"{name}_moved" in datasets:
+                    at_2mm = [downsampled_pair(pair, cache, seed, name) for pair in rendered]
+                    pairs += [moved_pair(pair, cache, seed, f"{name}_moved") for pair in at_2mm]
     return pairs
 
 
