@@ -3,6 +3,7 @@
 from .cli import check_command_line, input_error_cause, switch
 from .device import resolve_device
 from .evaluator import RegistrationEvaluator
+from .executors import RayExecutor, outputs_complete, pair_executor
 from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
 from .pairs import LoadRegistrationPaird, build_pairs, bundle_component, bundle_root
@@ -18,6 +19,7 @@ __all__ = [
     "PairOutputHandler",
     "PairSummary",
     "QCFigureWriter",
+    "RayExecutor",
     "RegistrationEvaluator",
     "RegistrationMetricsd",
     "WarpMovingd",
@@ -26,6 +28,8 @@ __all__ = [
     "bundle_root",
     "check_command_line",
     "input_error_cause",
+    "outputs_complete",
+    "pair_executor",
     "region_mask",
     "resolve_device",
     "switch",

@@ -29,6 +29,7 @@ from common.io import (
 
 from .cli import input_error_cause, os_error_cause
 from .device import resolve_device
+from .executors import RayExecutor
 from .handlers import PairOutputHandler
 from .pairs import PATH_KEYS
 
@@ -66,6 +67,8 @@ class RegistrationEvaluator(Evaluator):
         affine: the affine pre-alignment (:class:`~common.engine.AffineRegistration`); when it runs, the moving image
             (and mask) reach the fixed grid through it, and the output gets ``fixed_to_moving``. Without one, or with
             its mode ``"false"``, fixed and moving must overlap in world space through their headers.
+        executor: where a datalist's pairs run: None, here one after another; a
+            :class:`~common.workflow.RayExecutor`, as Ray tasks (this evaluator gathers their rows for the summary).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class RegistrationEvaluator(Evaluator):
         val_handlers: Sequence | None = None,
         memory_per_voxel: int = 400,
         affine: AffineRegistration | None = None,
+        executor: RayExecutor | None = None,
     ) -> None:
         super().__init__(
             device=resolve_device(device),
@@ -88,15 +92,30 @@ class RegistrationEvaluator(Evaluator):
         )
         self.dataset, self.inferer = dataset, inferer
         self.output_dir = Path(output_dir)
-        self.memory_per_voxel, self.affine = memory_per_voxel, affine
-        self.output_names = tuple(
-            name for h in val_handlers or () if isinstance(h, PairOutputHandler) for name in h.filenames
-        )
+        self.memory_per_voxel, self.affine, self.executor = memory_per_voxel, affine, executor
+        self.pair_postprocessing = postprocessing  # MONAI keeps it only as an event handler; Ray workers need it
+        self.writers = [h for h in val_handlers or () if isinstance(h, PairOutputHandler)]
+        self.output_names = tuple(name for h in self.writers for name in h.filenames)
         self.failures: list[tuple[str, RegistrationInputError]] = []
+        self.pending: list[Any] = []
 
     def run(self, global_epoch: int = 1) -> None:
         """Register all pairs; raises :class:`~common.io.RegistrationInputError` if any failed on bad input."""
         self.failures = []
+        self.pending = []
+        items = self.dataset.data
+        if self.executor is not None and any(item.get("id") for item in items):
+            parts = {
+                "device": str(self.state.device),
+                "inferer": self.inferer,
+                "output_dir": str(self.output_dir),
+                "postprocessing": self.pair_postprocessing,
+                "val_handlers": self.writers,
+                "memory_per_voxel": self.memory_per_voxel,
+                "affine": self.affine,
+                "transform": self.dataset.transform,
+            }
+            self.pending = self.executor.submit(parts, items, self.state.device)
         super().run(global_epoch)
         if not self.failures:
             return
@@ -108,6 +127,13 @@ class RegistrationEvaluator(Evaluator):
         )
 
     def _iteration(self, engine: Engine, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if self.pending:
+            row = self.executor.result(self.pending[index])
+            if row["status"] != "ok":
+                logger.error(f"{row['id']}: {row['error']}")
+                self.failures.append((row["id"], RegistrationInputError(row["error"])))
+            engine.state.output = row
+            return row
         item = self.dataset.data[index]
         pair_id = item.get("id", "")
         out = self.output_dir / pair_id if pair_id else self.output_dir
