@@ -27,9 +27,14 @@ PATH_KEYS = (
 
 
 def bundle_root(name: str) -> str:
-    """Folder of bundle ``name``: ``bundles/<name>`` beside the installed ``common`` package, else under the cwd."""
+    """Folder of bundle ``name``: the cwd when it is that bundle's own folder (a bundle exported alone, run from its
+    root as model-zoo bundles are), else ``bundles/<name>`` beside the installed ``common`` package, else under the
+    cwd."""
+    here = Path.cwd()
+    if here.name == name and (here / "configs" / "metadata.json").is_file():
+        return str(here)
     beside = Path(__file__).resolve().parents[2] / "bundles" / name
-    return str(beside if beside.is_dir() else Path.cwd() / "bundles" / name)
+    return str(beside if beside.is_dir() else here / "bundles" / name)
 
 
 def bundle_component(name: str, id: str, overrides: Mapping[str, Any] | None = None, config: str = "inference") -> Any:
