@@ -212,6 +212,8 @@ class AffineRegistration:
             fixed_weight = downsample_image(masks[0], f_level).flatten()
         return {
             "fixed": fixed_l.flatten(),
+            # the fixed image's histogram memberships do not change while the moving image moves
+            "fixed_parzen": parzen_weights(fixed_l.flatten(), self.num_bins),
             "fixed_weight": fixed_weight,
             "points": (world - centre).to(device=fixed.device, dtype=torch.float32),
             "centre": centre,
@@ -263,8 +265,7 @@ class AffineRegistration:
     ) -> torch.Tensor:
         values, weight = self._sample(level, linear, translation)
         wa = parzen_weights(values, self.num_bins)
-        wb = parzen_weights(level["fixed"], self.num_bins)
-        return -_weights_mutual_information(wa, wb, mask=weight)
+        return -_weights_mutual_information(wa, level["fixed_parzen"], mask=weight)
 
     def _overlap(self, level: dict[str, torch.Tensor], matrix: torch.Tensor) -> float:
         """Dice of the two heads (normalised intensity above 0.1) with the moving one mapped by ``matrix``."""
