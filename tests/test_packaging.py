@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
+from monai.bundle import ConfigParser
 from packaging.requirements import Requirement
 
 tomllib = pytest.importorskip("tomllib")
@@ -73,13 +75,50 @@ def test_verify_metadata_uses_local_schema_without_network(monkeypatch, bundle):
     verify_metadata(meta_file=str(_configs(bundle) / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_MD5)
 
 
-@pytest.mark.parametrize("bundle", BUNDLES)
+# the bundles that ship a trained network, its config id and its weights
+TRAINED = {"tto_kd": ("network_def", "student.pt"), "node_contrastive": ("descriptor_def", "descriptor.pt")}
+
+
+@pytest.mark.parametrize("bundle", sorted(set(BUNDLES) - set(TRAINED)))
 def test_metadata_network_io(bundle):
+    """A bundle without a trained network describes its registration: two images in, a displacement out."""
     io = _metadata(bundle)["network_data_format"]
     assert {k: v["num_channels"] for k, v in io["inputs"].items()} == {"fixed": 1, "moving": 1}
     assert {k: v["num_channels"] for k, v in io["outputs"].items()} == {"ddf": 3}
     for tensor in [*io["inputs"].values(), *io["outputs"].values()]:
         assert tensor["spatial_shape"] == ["*", "*", "*"]
+
+
+@pytest.mark.parametrize("bundle", sorted(TRAINED))
+def test_a_trained_network_passes_the_zoo_checks_and_exports_to_torchscript(bundle, tmp_path):
+    """``verify_net_in_out`` against the metadata's ``network_data_format``, then ``ckpt_export`` (traced: MONAI's
+    Gaussian filter does not script) of the shipped weights; the TorchScript file gives the eager network's output."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    net_id, weights = TRAINED[bundle]
+    config, meta = str(_configs(bundle) / "inference.json"), str(_configs(bundle) / "metadata.json")
+    verify_net_in_out(net_id=net_id, meta_file=meta, config_file=config, device="cpu", n=2)
+    channels = _metadata(bundle)["network_data_format"]["inputs"]["image"]["num_channels"]
+    exported = tmp_path / "model.ts"
+    checkpoint = str(ROOT / "bundles" / bundle / "models" / weights)
+    ckpt_export(
+        net_id=net_id,
+        filepath=str(exported),
+        ckpt_file=checkpoint,
+        meta_file=meta,
+        config_file=config,
+        use_trace=True,
+        input_shape=[1, channels, 32, 32, 32],
+    )
+    parser = ConfigParser()
+    parser.read_config(config)
+    eager = parser.get_parsed_content(net_id)
+    eager.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    eager.eval()
+    scripted = torch.jit.load(str(exported))
+    x = torch.rand(1, channels, 48, 32, 64)  # another shape than the trace's
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x))
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

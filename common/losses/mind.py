@@ -97,7 +97,12 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
         v = tuple(d * (a - b) for a, b in zip(p, q))
         if v not in vectors and tuple(-c for c in v) not in vectors:
             vectors.append(v)
-    sq = _ShiftedSquaredDifferences.apply(x, vectors, d)
+    if torch.jit.is_tracing() or not torch.is_grad_enabled():
+        # the same values by plain operations, which TorchScript can record and inference needs no backward of
+        inner = _shift(x, (0, 0, 0), d)
+        sq = torch.cat([(_shift(x, v, d) - inner).square().mean(1, keepdim=True) for v in vectors], dim=1)
+    else:
+        sq = _ShiftedSquaredDifferences.apply(x, vectors, d)
     # patch sums rather than means: the normalisation below is invariant to their common scale
     sq = _box_sum(sq, r)
     # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p); sq lives on the grid padded by d
