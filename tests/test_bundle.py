@@ -331,6 +331,25 @@ def test_cli_reports_a_bad_device_in_one_line(device, message, pair, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("affine", "maybe", "auto, true or false"), ("executor", "slurm", "serial or on ray")],
+)
+def test_cli_reports_a_bad_stage_or_executor_in_one_line(option, value, message, pair, tmp_path):
+    result = _cli(
+        "--fixed",
+        pair["fixed"],
+        "--moving",
+        pair["moving"],
+        "--output_dir",
+        str(tmp_path / "out"),
+        f"--{option}",
+        value,
+    )
+    assert result.returncode != 0 and f"error: --{option} {value}" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_switches_switch(pair, tmp_path):
     """`--save_qc false` as typed on a command line (text, not a Python False) turns the QC picture off."""
     out = tmp_path / "out"
