@@ -1,5 +1,18 @@
+from .brainid import BrainIDSynthesizer, BrainIDUNet
 from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
 from .displacement import DisplacementUNet
-from .weights import frozen, load_weights
+from .vfa import VFA, VFAEncoder
+from .weights import checkpoint_state_dict, frozen, load_weights
 
-__all__ = ["DescriptorUNet", "DisplacementUNet", "SelfSimilarityDescriptor", "frozen", "load_weights"]
+__all__ = [
+    "VFA",
+    "BrainIDSynthesizer",
+    "BrainIDUNet",
+    "DescriptorUNet",
+    "DisplacementUNet",
+    "SelfSimilarityDescriptor",
+    "VFAEncoder",
+    "checkpoint_state_dict",
+    "frozen",
+    "load_weights",
+]

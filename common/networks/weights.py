@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -9,7 +11,7 @@ import torch.nn as nn
 
 from common.io.errors import input_error
 
-__all__ = ["frozen", "load_weights"]
+__all__ = ["checkpoint_state_dict", "frozen", "load_weights"]
 
 
 def load_weights(module: nn.Module, weights: str | None = None) -> nn.Module:
@@ -31,3 +33,32 @@ def frozen(module: nn.Module, weights: str | None = None) -> nn.Module:
     """``module`` with ``weights`` loaded (:func:`load_weights`), in eval mode, without gradients for its parameters:
     a fixed metric or teacher, through which gradients still reach its input."""
     return load_weights(module, weights).eval().requires_grad_(False)
+
+
+def checkpoint_state_dict(path: str, containers: Sequence[str] = ("model_state_dict", "state_dict")) -> dict:
+    """The network weights in a checkpoint file, loaded safely (``weights_only=True``).
+
+    The file may be a state dict itself, or a training checkpoint holding it under one of ``containers`` (VFA's
+    ``model_state_dict`` or ``state_dict``) or under the first key that contains ``"model"`` (Brain-ID's). Brain-ID's
+    checkpoints also hold the training's ``argparse.Namespace``, the one class beyond tensors and containers that is
+    allowed here.
+
+    Raises:
+        RegistrationInputError: naming the file, when it is missing, unreadable or holds no state dict.
+    """
+    if not Path(path).is_file():
+        raise input_error("network weights", path, "file not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle refusals and damaged files alike: the user's file, not our bug
+        raise input_error(
+            "network weights", path, f"cannot be loaded safely ({type(error).__name__}: {error})"
+        ) from None
+    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    if isinstance(checkpoint, dict):
+        for key in [*containers, *(k for k in checkpoint if isinstance(k, str) and "model" in k)]:
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key]
+    raise input_error("network weights", path, f"holds no state dict (looked for {', '.join(containers)}, *model*)")
