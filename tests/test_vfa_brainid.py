@@ -1,5 +1,5 @@
-"""The VFA and Brain-ID networks: the official layouts (names, shapes, sizes), safe loading of official-style
-checkpoint files, and the forward contracts."""
+"""The parts of vfa_brainid_adapter: the VFA and Brain-ID networks (official layouts, safe loading of official-style
+checkpoint files, forward contracts), the progressive refiner and the contrast gate."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import argparse
 import pytest
 import torch
 
-from common.io import RegistrationInputError
-from common.networks import VFA, BrainIDSynthesizer, checkpoint_state_dict
+from common.engine import ContrastGate
+from common.io import RegistrationInputError, load_image, load_label, resample_to_grid
+from common.networks import VFA, BrainIDSynthesizer, ProgressiveRefiner, checkpoint_state_dict
+from common.sample import sample_pair
+from common.spatial import warp
+from common.synthesis import render_contrast
 
 
 def test_vfa_has_the_official_layout_and_size():
@@ -75,3 +79,45 @@ def test_official_style_checkpoints_load_safely(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "empty.pth")
     with pytest.raises(RegistrationInputError, match=r"empty\.pth.*no state dict"):
         checkpoint_state_dict(str(tmp_path / "empty.pth"))
+
+
+def test_an_untrained_refiner_keeps_its_field_and_a_trained_step_moves_it():
+    """Output layers near zero: the refined field starts at the given one; the stages are coarse to fine and one
+    optimiser step on a similarity changes the field (gradients reach every stage)."""
+    torch.manual_seed(0)
+    refiner = ProgressiveRefiner(scales=(4, 2, 1), channels=(8, 16))
+    fixed, moving = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    start = 0.5 * torch.randn(1, 3, 16, 16, 16)
+    fields = refiner(fixed, moving, start)
+    assert len(fields) == 3 and (fields[-1] - start).abs().max() < 0.05
+    loss = sum((warp(moving, f) - fixed).pow(2).mean() for f in fields)
+    loss.backward()
+    assert all(
+        unet.model[-1].conv.weight.grad.abs().sum() > 0 for unet in refiner.stages if hasattr(unet.model[-1], "conv")
+    )
+    with pytest.raises(ValueError, match="multiples of 8"):
+        refiner(torch.rand(1, 1, 12, 16, 16), torch.rand(1, 1, 12, 16, 16), torch.zeros(1, 3, 12, 16, 16))
+
+
+def test_the_contrast_gate_transfers_a_t2_against_a_t1_and_not_a_t1():
+    """The sample's two label maps (two subjects, 2 mm) rendered T1-like and T2-like: the signed local correlation at
+    4 mm is high for T1/T1 and low for T1/T2, so ``auto`` transfers only the second; ``always``/``never`` override
+    it."""
+    sample = sample_pair()
+    fixed = load_image(sample["fixed"])
+    moving_label = load_label(sample["moving_label"], load_image(sample["moving"]))
+    maps = [
+        resample_to_grid(moving_label, moving_label.affine, fixed.affine, fixed.shape[1:], mode="nearest")[0].numpy(),
+        load_label(sample["fixed_label"], fixed)[0].numpy(),
+    ]
+    t1, other_t1, t2 = (
+        torch.as_tensor(render_contrast(maps[i], c, seed=s))[None, None].clamp(0, 1)
+        for i, c, s in ((0, "t1", 1), (1, "t1", 2), (1, "t2", 3))
+    )
+    gate = ContrastGate()
+    same, cross = gate(other_t1, t1, (2.0, 2.0, 2.0)), gate(t2, t1, (2.0, 2.0, 2.0))
+    assert same[0] is False and cross[0] is True and same[1] > 0.6 > cross[1]
+    assert ContrastGate("always")(other_t1, t1, (2.0, 2.0, 2.0))[0] is True
+    assert ContrastGate("never")(t2, t1, (2.0, 2.0, 2.0))[0] is False
+    with pytest.raises(ValueError, match="auto, always or never"):
+        ContrastGate("sometimes")

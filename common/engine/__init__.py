@@ -1,5 +1,6 @@
 from .affine import AffineRegistration, AffineResult
 from .finetuning import TestTimeOptimizationInferer, working_shape
+from .gate import ContrastGate, local_correlation
 from .optimizer import BestState, create_pair_engine
 from .protocols import (
     InvertibleModel,
@@ -15,6 +16,7 @@ __all__ = [
     "AffineRegistration",
     "AffineResult",
     "BestState",
+    "ContrastGate",
     "InstanceOptimizationInferer",
     "InvertibleModel",
     "LocalDescriptor",
@@ -25,5 +27,6 @@ __all__ = [
     "TestTimeOptimizationInferer",
     "create_pair_engine",
     "downsample_image",
+    "local_correlation",
     "working_shape",
 ]

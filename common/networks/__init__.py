@@ -1,6 +1,7 @@
 from .brainid import BrainIDSynthesizer, BrainIDUNet
 from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
 from .displacement import DisplacementUNet
+from .refiners import ProgressiveRefiner
 from .vfa import VFA, VFAEncoder
 from .weights import checkpoint_state_dict, frozen, load_weights
 
@@ -10,6 +11,7 @@ __all__ = [
     "BrainIDUNet",
     "DescriptorUNet",
     "DisplacementUNet",
+    "ProgressiveRefiner",
     "SelfSimilarityDescriptor",
     "VFAEncoder",
     "checkpoint_state_dict",
