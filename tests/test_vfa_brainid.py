@@ -121,3 +121,49 @@ def test_the_contrast_gate_transfers_a_t2_against_a_t1_and_not_a_t1():
     assert ContrastGate("never")(t2, t1, (2.0, 2.0, 2.0))[0] is False
     with pytest.raises(ValueError, match="auto, always or never"):
         ContrastGate("sometimes")
+
+
+def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap():
+    """A tiny untrained VFA, frozen, gives the first field once per pair; 40 steps of the per-pair optimisation of the
+    refiners (LNCC with a Gaussian window at every stage + diffusion, 10-step warm-up) raise Dice on a phantom pair
+    with a known smooth deformation, and leave the backbone's weights as they were."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    from common.engine import TestTimeOptimizationInferer
+    from common.losses import DisplacementSmoothnessLoss, RegistrationObjective, StageSimilarity
+    from common.metrics import dice_per_label, mean_dict
+    from common.networks import FrozenBackboneAdapter
+
+    from .conftest import phantom_labels, smooth_field
+
+    torch.manual_seed(0)
+    labels = phantom_labels((32, 32, 32))
+    moved = warp(labels[None, None].float(), smooth_field(labels.shape, 2.5, seed=3), mode="nearest")[0, 0]
+    fixed = torch.as_tensor(render_contrast(labels.numpy(), "t1", seed=1))[None, None]
+    moving = torch.as_tensor(render_contrast(moved.numpy(), "t1", seed=2))[None, None]
+    backbone = VFA(downsamples=2, start_channels=4, max_channels=8, matching_channels=4)
+    calls = []
+    backbone.register_forward_hook(lambda *args: calls.append(1))
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    adapter = FrozenBackboneAdapter(backbone, ProgressiveRefiner(scales=(4, 2, 1), channels=(8, 16)))
+    similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=7, kernel_type="gaussian")
+    objective = RegistrationObjective(
+        {"lncc": StageSimilarity(similarity), "diffusion": DisplacementSmoothnessLoss()},
+        {"lncc": 1.0, "diffusion": 1.0},
+    )
+    inferer = TestTimeOptimizationInferer(
+        adapter,
+        objective,
+        iterations=40,
+        time_budget_s=None,
+        learning_rate=5e-3,
+        warmup_steps=10,
+        multiple=16,
+        progress=False,
+    )
+    result = inferer(fixed, moving, (1.0, 1.0, 1.0))
+    warped = warp(moved[None, None].float(), result.ddf, mode="nearest")[0, 0]
+    dice_before, dice_after = (mean_dict(dice_per_label(x, labels)) for x in (moved, warped))
+    assert dice_after > dice_before + 0.02, (dice_before, dice_after)
+    assert len(calls) == 1  # once per pair: the optimisation and the final field reuse it
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())

@@ -39,13 +39,18 @@ class TestTimeOptimizationInferer(Inferer):
     ``iterations`` steps or ``time_budget_s`` seconds, whichever comes first; the parameters at the lowest loss give
     the displacement, resampled onto the image grid. The network given is left unchanged.
 
+    A network may return a list of fields, one per refinement stage, coarse to fine: the last is the displacement, and
+    the objective also gets the list as ``stage_ddfs``.
+
     Args:
         network: the trained network; it is copied, never changed.
         objective: the :class:`~common.losses.RegistrationObjective` minimised, given ``ddf``, ``fixed`` and ``moving``
-            on the working grid.
+            on the working grid (and ``stage_ddfs``, above).
         iterations: optimisation steps; 0 uses the network as trained (no TTO).
         time_budget_s: stop after this many seconds (None: no limit).
         learning_rate: Adam learning rate.
+        warmup_steps: the learning rate rises linearly from ``learning_rate / warmup_steps`` to ``learning_rate`` over
+            these first steps (0: constant).
         spacing_mm: voxel size of the working grid (the one the network was trained at); None keeps the image's.
         multiple: the working grid's sides are multiples of this (16 for a U-Net with four poolings).
         progress: show a progress bar.
@@ -59,6 +64,7 @@ class TestTimeOptimizationInferer(Inferer):
         iterations: int = 100,
         time_budget_s: float | None = 60.0,
         learning_rate: float = 1e-3,
+        warmup_steps: int = 0,
         spacing_mm: float | None = None,
         multiple: int = 16,
         progress: bool = True,
@@ -67,7 +73,10 @@ class TestTimeOptimizationInferer(Inferer):
         super().__init__()
         self.network = network
         self.objective, self.iterations, self.time_budget_s = objective, iterations, time_budget_s
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must not be negative, got {warmup_steps}.")
         self.learning_rate, self.spacing_mm, self.multiple = learning_rate, spacing_mm, multiple
+        self.warmup_steps = warmup_steps
         self.progress = progress
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
 
@@ -98,15 +107,21 @@ class TestTimeOptimizationInferer(Inferer):
         start = time.perf_counter()
         stats = RegistrationStats(iterations=[0], grid=list(grid))
         if self.iterations > 0:
-            optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
+            warmup = max(self.warmup_steps, 1)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
             best = BestState()
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.objective(ddf=model(pair), fixed=fixed_w, moving=moving_w, **masks)
+                fields = model(pair)
+                stages = fields if isinstance(fields, (list, tuple)) else None
+                ddf = fields[-1] if stages is not None else fields
+                loss = self.objective(ddf=ddf, stage_ddfs=stages, fixed=fixed_w, moving=moving_w, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()
+                schedule.step()
                 return {"loss": loss.item()}
 
             engine = create_pair_engine(
@@ -122,4 +137,5 @@ class TestTimeOptimizationInferer(Inferer):
         stats.stage_time_s = [time.perf_counter() - start]
         with torch.no_grad():
             ddf = model.eval()(pair)
+            ddf = ddf[-1] if isinstance(ddf, (list, tuple)) else ddf
             return RegistrationResult(resize_ddf(ddf, shape), stats, resize_ddf(invert_ddf(ddf), shape))

@@ -19,6 +19,7 @@ __all__ = [
     "ImageSimilarity",
     "RegistrationObjective",
     "RegistrationTerm",
+    "StageSimilarity",
     "TeacherDistillationLoss",
     "WarpedLabelDiceLoss",
     "joint_one_hot",
@@ -60,6 +61,20 @@ class ImageSimilarity(nn.Module):
         if mask is None:
             return self.similarity(warped, fixed)
         return self.similarity(warped, fixed, mask=mask)
+
+
+class StageSimilarity(nn.Module):
+    """``sum_s similarity(m∘u_s, f)`` over the fields ``stage_ddfs`` of a multi-stage network (coarse to fine): every
+    stage's field is held to the images, not only the last (the adapter's refiners)."""
+
+    inputs = ("stage_ddfs", "moving", "fixed")
+
+    def __init__(self, similarity: nn.Module) -> None:
+        super().__init__()
+        self.similarity = similarity
+
+    def forward(self, stage_ddfs: list[torch.Tensor], moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.similarity(warp(moving, ddf), fixed) for ddf in stage_ddfs]).sum()
 
 
 class TeacherDistillationLoss(nn.Module):

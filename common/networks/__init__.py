@@ -1,3 +1,4 @@
+from .adapter import FrozenBackboneAdapter
 from .brainid import BrainIDSynthesizer, BrainIDUNet
 from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
 from .displacement import DisplacementUNet
@@ -11,6 +12,7 @@ __all__ = [
     "BrainIDUNet",
     "DescriptorUNet",
     "DisplacementUNet",
+    "FrozenBackboneAdapter",
     "ProgressiveRefiner",
     "SelfSimilarityDescriptor",
     "VFAEncoder",
