@@ -211,7 +211,7 @@ class RegistrationEvaluator(Evaluator):
             masks["fixed_mask"] = masks["fixed_mask"][None]
         if "moving_mask" in masks:
             masks["moving_mask"] = resample_to_grid(masks["moving_mask"], a_moving, a_sample, shape)[None]
-        output["mask_paths"] = {k: pair.get(f"{k}_path") for k in masks}
+        output["mask_paths"] = {k: pair.get(f"{k}_path") for k in ("fixed_mask", "moving_mask")}
         loaded = time.perf_counter()
         result = self.inferer(
             output["fixed"][None],
