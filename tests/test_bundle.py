@@ -320,32 +320,20 @@ def test_an_unwritable_output_folder_is_a_clear_error(pair, tmp_path):
     assert cause is not None and "cannot write the outputs" in str(cause)
 
 
-@pytest.mark.parametrize("device, message", [("nonsense", "not a device"), ("cuda:7", "CUDA")])
-def test_cli_reports_a_bad_device_in_one_line(device, message, pair, tmp_path):
-    if device.startswith("cuda") and torch.cuda.device_count() > 7:
-        pytest.skip("this machine has that CUDA device")
-    result = _cli(
-        "--fixed", pair["fixed"], "--moving", pair["moving"], "--output_dir", str(tmp_path / "out"), "--device", device
-    )
-    assert result.returncode != 0 and f"error: --device {device}" in result.stderr and message in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 @pytest.mark.parametrize(
     "option, value, message",
-    [("affine", "maybe", "auto, true or false"), ("executor", "slurm", "serial or on ray")],
+    [
+        ("device", "nonsense", "not a device"),
+        ("device", "cuda:7", "CUDA"),
+        ("affine", "maybe", "auto, true or false"),
+        ("executor", "slurm", "serial or on ray"),
+    ],
 )
-def test_cli_reports_a_bad_stage_or_executor_in_one_line(option, value, message, pair, tmp_path):
-    result = _cli(
-        "--fixed",
-        pair["fixed"],
-        "--moving",
-        pair["moving"],
-        "--output_dir",
-        str(tmp_path / "out"),
-        f"--{option}",
-        value,
-    )
+def test_cli_reports_a_bad_option_in_one_line(option, value, message, pair, tmp_path):
+    if value.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that CUDA device")
+    out = str(tmp_path / "out")
+    result = _cli("--fixed", pair["fixed"], "--moving", pair["moving"], "--output_dir", out, f"--{option}", value)
     assert result.returncode != 0 and f"error: --{option} {value}" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
 
