@@ -99,7 +99,7 @@ class AffineRegistration:
         overlap_threshold: float = 0.9,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        mode = str(mode).strip().lower() if not isinstance(mode, bool) else str(mode).lower()
+        mode = str(mode).strip().lower()  # a bool (Python API) reads as "true"/"false" too
         if mode not in _MODES:
             raise RegistrationInputError(f"--affine {mode}: the affine stage is auto, true or false")
         if not stages or any(s not in ("rigid", "affine") for s in stages):
@@ -153,10 +153,8 @@ class AffineRegistration:
                     else self._level(images[0], a_fixed, images[1], a_moving, masks, level_mm, centre)
                 )
                 rate = self.learning_rate / 2**index
-                linear, translation, steps = self._optimise(
-                    level, stage, linear, translation, rate, self.iterations[index]
-                )
-                done.append(steps)
+                linear, translation = self._optimise(level, stage, linear, translation, rate, self.iterations[index])
+                done.append(self.iterations[index])
         found = self._matrix(linear, centre, translation)
         scores = {
             name: self._mutual_information(finest, m)
@@ -286,7 +284,7 @@ class AffineRegistration:
         translation: torch.Tensor,
         rate: float,
         steps: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` Adam steps of one stage at one level from ``(linear, translation)``; the lowest-loss state."""
         device = level["points"].device
         base = linear.to(device=device, dtype=torch.float32)
@@ -307,4 +305,4 @@ class AffineRegistration:
                 best = (loss.item(), current().detach().clone(), shift.detach().clone() * 100)
             loss.backward()
             optimizer.step()
-        return best[1].double().cpu(), best[2].double().cpu(), steps
+        return best[1].double().cpu(), best[2].double().cpu()
