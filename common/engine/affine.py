@@ -250,13 +250,17 @@ class AffineRegistration:
             weight = weight * sample_at(level["moving_mask"], normalised)[0, 0]
         return values, weight
 
-    def _mutual_information(self, level: dict[str, torch.Tensor], matrix: torch.Tensor) -> float:
-        centre = level["centre"]
-        linear = matrix[:3, :3]
+    @staticmethod
+    def _parameters(level: dict[str, torch.Tensor], matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, t)`` of a 4x4 world map written as ``x -> L (x - c) + c + t`` about the level's centre ``c``, on the
+        level's device (the inverse of :meth:`_matrix`)."""
+        centre, device = level["centre"], level["points"].device
         translation = matrix[:3, :3] @ centre + matrix[:3, 3] - centre
-        device = level["points"].device
+        return matrix[:3, :3].float().to(device), translation.float().to(device)
+
+    def _mutual_information(self, level: dict[str, torch.Tensor], matrix: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(self._objective(level, linear.float().to(device), translation.float().to(device)).neg())
+            return float(self._objective(level, *self._parameters(level, matrix)).neg())
 
     def _objective(
         self, level: dict[str, torch.Tensor], linear: torch.Tensor, translation: torch.Tensor
@@ -267,11 +271,8 @@ class AffineRegistration:
 
     def _overlap(self, level: dict[str, torch.Tensor], matrix: torch.Tensor) -> float:
         """Dice of the two heads (normalised intensity above 0.1) with the moving one mapped by ``matrix``."""
-        device = level["points"].device
-        centre = level["centre"]
-        translation = (matrix[:3, :3] @ centre + matrix[:3, 3] - centre).float().to(device)
         with torch.no_grad():
-            values, _ = self._sample(level, matrix[:3, :3].float().to(device), translation)
+            values, _ = self._sample(level, *self._parameters(level, matrix))
         a = level["fixed"] > _FOREGROUND
         b = values > _FOREGROUND
         return float(2 * (a & b).sum() / (a.sum() + b.sum()).clamp(min=1))

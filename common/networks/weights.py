@@ -25,7 +25,7 @@ def load_weights(module: nn.Module, weights: str | None = None) -> nn.Module:
             "or pass the path of a trained file",
         )
     if weights:
-        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        module.load_state_dict(checkpoint_state_dict(weights))
     return module
 
 
