@@ -167,9 +167,9 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     ),
     # tto_kd as released (the student fine-tuned on the pair), and its two networks alone, without test-time steps
     "tto_kd": lambda args: run_bundle(args, "tto_kd", **args.overrides),
-    "tto_kd_student": lambda args: run_bundle(args, "tto_kd", **{"tto#enabled": False, **args.overrides}),
+    "tto_kd_student": lambda args: run_bundle(args, "tto_kd", **{"inferer#iterations": 0, **args.overrides}),
     "tto_kd_teacher": lambda args: run_bundle(
-        args, "tto_kd", **{"model": "teacher", "tto#enabled": False, **args.overrides}
+        args, "tto_kd", **{"model": "teacher", "inferer#iterations": 0, **args.overrides}
     ),
 }
 

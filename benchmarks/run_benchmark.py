@@ -19,7 +19,7 @@ Datasets:
                  resolution only.
 
 ``--override KEY=VALUE`` (repeatable, VALUE in JSON) changes a config key of the collection's bundles for the run,
-e.g. ``--override 'registration#iterations=[50, 150]'``; give each setting its own ``--output``.
+e.g. ``--override 'inferer#iterations=[50, 150]'``; give each setting its own ``--output``.
 
 Each method-pair runs in its own process (``peers.py``) with a fixed number of threads and reports its wall time and
 peak memory. Metrics are computed here from each method's warped moving image, label map and Jacobian determinant on the

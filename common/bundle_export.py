@@ -15,6 +15,7 @@ import json
 import zipfile
 from pathlib import Path
 
+from common.bundle_config import DELTA_SUFFIX
 from common.workflow import bundle_root
 
 __all__ = ["export_bundle"]
@@ -34,7 +35,8 @@ def export_bundle(name: str, destination: str | Path) -> Path:
     with zipfile.ZipFile(destination, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for part in _PARTS:
             for path in sorted((root / part).rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts:
+                # deltas build the configs inside this repository only; the zip carries the full configs
+                if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(DELTA_SUFFIX):
                     archive.write(path, Path(name) / path.relative_to(root))
         license_file = root / "LICENSE" if (root / "LICENSE").is_file() else _LICENSE
         archive.write(license_file, Path(name) / "LICENSE")

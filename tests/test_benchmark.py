@@ -24,9 +24,9 @@ def test_tuning_and_held_out_pairs_share_no_label_map():
 
 
 def test_override_is_parsed_as_json_and_bad_ones_are_refused():
-    assert peers._parse_override("registration#iterations=[50, 150]") == ("registration#iterations", [50, 150])
+    assert peers._parse_override("inferer#iterations=[50, 150]") == ("inferer#iterations", [50, 150])
     assert peers._parse_override('descriptor_weights=""') == ("descriptor_weights", "")
-    for bad in ("registration#iterations", "=3", "lmi#num_bins=sixteen"):
+    for bad in ("inferer#iterations", "=3", "similarity#num_bins=sixteen"):
         with pytest.raises(ValueError, match="override"):
             peers._parse_override(bad)
 
@@ -41,10 +41,10 @@ def test_overrides_reach_the_bundles_only(monkeypatch, tmp_path):
     monkeypatch.setattr(run_benchmark.subprocess, "run", fake_run)
     pair = run_benchmark.Pair("tuning_t2", "s01_to_s02", *(tmp_path / f"{k}.nii.gz" for k in "abcd"), groups={})
     for method in ("ants_strong", "node_lmi"):
-        run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["lmi#num_bins=8"], device="cuda")
+        run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["similarity#num_bins=8"], device="cuda")
     assert "--override" not in commands[0] and "--device" not in commands[0]
     at = commands[1].index("--override")
-    assert commands[1][at : at + 2] == ["--override", "lmi#num_bins=8"] and commands[1][-2:] == ["--device", "cuda"]
+    assert commands[1][at : at + 2] == ["--override", "similarity#num_bins=8"] and commands[1][-2:] == ["--device", "cuda"]
 
 
 @pytest.mark.parametrize("contrast", ["flair", "pd"])
@@ -118,7 +118,7 @@ def test_a_method_runs_in_its_own_process_from_any_folder(tmp_path, monkeypatch)
     files = (paths[k] for k in ("fixed", "moving", "fixed_label", "moving_label"))
     pair = run_benchmark.Pair("tiny", "a_to_b", *files, groups={"phantom": tuple(range(1, int(labels.max()) + 1))})
     monkeypatch.chdir(tmp_path)
-    overrides = ["registration#levels=[1]", "registration#iterations=[5]", "save_qc=false", "progress=false"]
+    overrides = ["inferer#levels=[1]", "inferer#iterations=[5]", "save_qc=false", "progress=false"]
     row = run_benchmark.run_method(pair, "node_mind", tmp_path / "out", 1, 300.0, overrides=overrides)
     before = run_benchmark.score(pair, moved.astype(np.int32), None, None)["dice"]
     assert row["status"] == "ok" and row["dice"] > before + 0.02 and row["time_s"] > 0, (row, before)

@@ -29,9 +29,9 @@ from .conftest import invert_field, phantom_labels, smooth_field
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
 FAST = {
-    "registration#levels": [1],
-    "registration#iterations": [40],
-    "registration#flow_downsample": 2,
+    "inferer#levels": [1],
+    "inferer#iterations": [40],
+    "inferer#flow_downsample": 2,
     "progress": False,
 }
 
@@ -167,7 +167,7 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
         # second on this grid and is skipped, as the default's 1 mm stage is on a 2 mm image
         (
             "node_contrastive",
-            {"registration#levels": [1, 1, 1], "registration#iterations": [30, 10, 10], "progress": False},
+            {"inferer#levels": [1, 1, 1], "inferer#iterations": [30, 10, 10], "progress": False},
         ),
     ],
 )
@@ -208,14 +208,14 @@ def _label_masks(pair: dict[str, str], folder: Path) -> dict[str, str]:
         (  # random voxels of the warped descriptor, inside the masks
             "node_contrastive",
             {
-                "registration#levels": [1],
-                "registration#iterations": [30],
-                "registration#warp_descriptor": [True],
-                "registration#sample_points": 4000,
+                "inferer#levels": [1],
+                "inferer#iterations": [30],
+                "inferer#warp_descriptor": [True],
+                "inferer#sample_points": 4000,
                 "progress": False,
             },
         ),
-        ("tto_kd", {"weights": "", "tto#iterations": 5, "tto#spacing_mm": None, "progress": False}),
+        ("tto_kd", {"weights": "", "inferer#iterations": 5, "inferer#spacing_mm": None, "progress": False}),
     ],
 )
 def test_every_bundle_registers_inside_the_masks_it_is_given(bundle, schedule, pair, tmp_path):
@@ -240,7 +240,7 @@ def test_every_bundle_registers_inside_the_masks_it_is_given(bundle, schedule, p
 def test_tto_kd_registers_the_tiny_pair_with_and_without_test_time_optimisation(tto, pair, tmp_path):
     """The contract's outputs from the student (here untrained: weights "") fine-tuned on the pair, or used as is."""
     config = REPO / "bundles" / "tto_kd" / "configs" / "inference.json"
-    overrides = {"weights": "", "tto#enabled": tto, "tto#iterations": 5, "tto#spacing_mm": None, "progress": False}
+    overrides = {"weights": "", "inferer#iterations": 5 if tto else 0, "inferer#spacing_mm": None, "progress": False}
     workflow = ConfigWorkflow(
         config_file=str(config), workflow_type="infer", output_dir=str(tmp_path), device="cpu", **{**overrides, **pair}
     )
@@ -266,7 +266,7 @@ def test_tto_kd_without_trained_weights_says_how_to_get_them(pair, tmp_path):
     assert cause is not None and "student.pt" in str(cause) and "training config" in str(cause)
 
 
-TINY = {"registration#iterations": [2], "save_qc": False, "device": "cpu"}
+TINY = {"inferer#iterations": [2], "save_qc": False, "device": "cpu"}
 
 
 def _run(**overrides) -> None:
@@ -352,9 +352,9 @@ def test_cli_switches_switch(pair, tmp_path):
         "false",
         "--progress",
         "no",
-        "--registration#levels",
+        "--inferer#levels",
         "[1]",
-        "--registration#iterations",
+        "--inferer#iterations",
         "[2]",
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -366,8 +366,8 @@ def test_cli_switches_switch(pair, tmp_path):
     [
         (["--save_q", "false"], "no such setting"),  # MONAI itself refuses a mistyped nested key (a#b)
         (["--save_qc", "maybe"], "a switch is true or false"),
-        (["--registration#learning_rate", "fast"], "a number is expected"),
-        (["--registration#iterations", "many"], "a list is expected"),
+        (["--inferer#learning_rate", "fast"], "a number is expected"),
+        (["--inferer#iterations", "many"], "a list is expected"),
     ],
 )
 def test_cli_rejects_unknown_or_mistyped_settings_before_running(args, message, tmp_path):
@@ -408,9 +408,9 @@ def test_a_killed_datalist_run_rerun_leaves_complete_consistent_outputs(fraction
         str(tmp_path / "out"),
         "--progress",
         "false",
-        "--registration#levels",
+        "--inferer#levels",
         "[1]",
-        "--registration#iterations",
+        "--inferer#iterations",
         "[3]",
     ]
     cmd = _command(*args)
@@ -435,7 +435,7 @@ def _limit_file_size(limit: int) -> None:
 def test_a_full_disk_fails_each_pair_clearly_and_keeps_the_summary(pair, tmp_path):
     ids = ["a", "b"]
     datalist = str(_datalist(pair, tmp_path, ids))
-    schedule = ["--registration#levels", "[1]", "--registration#iterations", "[2]", "--progress", "false"]
+    schedule = ["--inferer#levels", "[1]", "--inferer#iterations", "[2]", "--progress", "false"]
     full_disk = lambda: _limit_file_size(20_000)  # noqa: E731
     result = _cli("--datalist", datalist, "--output_dir", str(tmp_path / "out"), *schedule, preexec_fn=full_disk)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -518,7 +518,7 @@ def test_a_moving_mask_keeps_an_artefact_from_misleading_the_registration(tmp_pa
             config_file=str(CONFIG),
             workflow_type="infer",
             **{**common_args, "moving": str(paths["moving"]), "output_dir": str(out), "save_qc": False},
-            **{"registration#iterations": [40, 20], "progress": False, **mask},
+            **{"inferer#iterations": [40, 20], "progress": False, **mask},
         )
         workflow.initialize()
         workflow.run()
@@ -573,7 +573,7 @@ def test_the_affine_stage_realigns_a_moved_scan_and_itk_composes_it_as_we_do(tmp
     matrix[:3, :3] = linear
     matrix[:3, 3] = centre - linear @ centre + np.array([6.0, -5.0, 0.0])
     moved = _moved(pair, tmp_path, matrix)
-    schedule = {"registration#levels": [1], "registration#iterations": [30], "save_qc": False, "device": "cpu"}
+    schedule = {"inferer#levels": [1], "inferer#iterations": [30], "save_qc": False, "device": "cpu"}
     runs = {}
     for name, inputs in (("unmoved", pair), ("moved", moved)):
         runs[name] = tmp_path / name

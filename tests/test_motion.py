@@ -102,7 +102,7 @@ def test_tto_kd_motion_config_writes_every_output_and_rejects_a_bad_region(tmp_p
     path = tmp_path / "series.nii.gz"
     nib.save(nib.Nifti1Image(frames, np.diag([1.5, 1.5, 2.0, 1.0])), path)
     config = str(REPO / "bundles" / "tto_kd" / "configs" / "inference.json")
-    overrides = {"weights": "", "tto#iterations": 2, "tto#spacing_mm": None, "series": str(path)}
+    overrides = {"weights": "", "inferer#iterations": 2, "inferer#spacing_mm": None, "series": str(path)}
     _workflow(config, output_dir=str(tmp_path / "out"), **overrides).run()
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["bundle"] == "tto_kd" and metrics["reference_frame"] == 2

@@ -38,6 +38,25 @@ def test_every_bundle_has_the_files_of_a_bundle():
             assert (ROOT / "bundles" / bundle / name).is_file(), f"{bundle}/{name}"
 
 
+def test_each_built_config_is_its_bases_and_delta_merged():
+    """A bundle's inference.json and train.json are what ``python -m common.bundle_config`` builds from the shared
+    bases and the bundle's deltas, and equal MONAI's own merge of that list of files (same components)."""
+    from common.bundle_config import write_bundle_configs
+
+    assert write_bundle_configs(ROOT / "bundles", check=True) == [], "run: python -m common.bundle_config"
+    deltas = sorted((ROOT / "bundles").glob("*/configs/*_delta.json"))
+    assert {d.parent.parent.name for d in deltas} >= {"node_mind", "node_lmi", "node_contrastive", "tto_kd"}
+    for delta in deltas:
+        bases = json.loads(delta.read_text())["_bases_"]
+        listed = ConfigParser()
+        listed.read_config([str(ROOT / "common" / "configs" / f"{b}.json") for b in bases] + [str(delta)])
+        built = ConfigParser()
+        built.read_config(str(delta.with_name(delta.name.replace("_delta", ""))))
+        for key in ("inferer", "network_def", "handlers", "postprocessing", "evaluator", "train", "validate"):
+            if key in built:
+                assert built.get(key) == listed.get(key), f"{delta}: {key}"
+
+
 def _requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return {req.name.lower(): req for req in map(Requirement, project["dependencies"])}
@@ -145,13 +164,14 @@ def test_an_exported_bundle_runs_alone_from_its_own_folder(bundle, tmp_path):
         z.extractall(tmp_path / "unzipped")
     alone = tmp_path / "unzipped" / bundle
     assert {p.name for p in alone.iterdir()} == {"configs", "models", "docs", "LICENSE"}
+    assert not list(alone.glob("configs/*_delta.json")), "a zoo bundle carries its full config, not the delta"
     probe = "from monai.bundle import ConfigParser; p = ConfigParser(); p.read_config('configs/inference.json'); "
     probe += "print(p.get_parsed_content('bundle_root'))"
     found = subprocess.run([sys.executable, "-c", probe], cwd=alone, capture_output=True, text=True, check=True)
     assert found.stdout.strip().splitlines()[-1] == str(alone)
     if bundle == "node_mind":  # one full run on the embedded sample, short schedule
         command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
-        command += ["--output_dir", "out", "--registration#iterations", "[10, 5]", "--progress", "false"]
+        command += ["--output_dir", "out", "--inferer#iterations", "[10, 5]", "--progress", "false"]
         subprocess.run(command, cwd=alone, check=True, capture_output=True, text=True)
         metrics = json.loads((alone / "out" / "metrics.json").read_text())
         assert metrics["dice"]["after"]["mean"] > metrics["dice"]["before"]["mean"]

@@ -14,6 +14,7 @@ from monai.inferers import Inferer
 from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
+from common.io import switch
 from common.losses.objective import RegistrationObjective
 from common.spatial import (
     block_points,
@@ -135,6 +136,7 @@ class InstanceOptimizationInferer(Inferer):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
         if levels_unit not in ("factor", "mm"):
             raise ValueError(f"levels_unit must be 'factor' or 'mm', got {levels_unit!r}.")
+        warp_descriptor = switch(warp_descriptor, "inferer#warp_descriptor")
         if isinstance(warp_descriptor, bool):
             warp_descriptor = [warp_descriptor] * len(levels)
         if len(warp_descriptor) != len(levels):

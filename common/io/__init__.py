@@ -1,6 +1,6 @@
 """Reading, validating, resampling and writing images, labels, landmarks and displacement fields."""
 
-from .errors import RegistrationInputError, RegistrationOutputError, input_error
+from .errors import RegistrationInputError, RegistrationOutputError, input_error, switch
 from .image import (
     available_memory_bytes,
     check_device_memory,
@@ -35,5 +35,6 @@ __all__ = [
     "save_image",
     "save_json",
     "save_series",
+    "switch",
     "world_bounds",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common.io import RegistrationOutputError
+from common.io import RegistrationOutputError, switch
 from common.io.writers import atomic_write
 from common.spatial.fields import warp
 
@@ -29,7 +29,8 @@ class NeuralODEFlow(nn.Module):
         shape: spatial shape of the flow grid.
         num_steps: solver steps on ``[0, 1]``.
         solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
-        adjoint: gradients by the adjoint method (constant memory) instead of back-propagation through the solver.
+        adjoint: gradients by the adjoint method (constant memory) instead of back-propagation through the solver
+            (a bool, or its text as the command line gives it).
         velocity_net: builds the network from ``shape``; defaults to :class:`VelocityNet`.
     """
 
@@ -43,7 +44,8 @@ class NeuralODEFlow(nn.Module):
     ) -> None:
         super().__init__()
         self.velocity_net = velocity_net(shape=shape)
-        self.num_steps, self.solver, self.adjoint = num_steps, solver, adjoint
+        self.num_steps, self.solver = num_steps, solver
+        self.adjoint = switch(adjoint, "network_def#adjoint")
 
     def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         """Displacement ``phi_1 - id`` ``[B, 3, *S]`` (voxels) of the flow of ``velocity`` ``[B, 3, *S]``."""

@@ -10,13 +10,12 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from common.io import RegistrationInputError
+from common.io import RegistrationInputError, switch
 
 __all__ = ["check_command_line", "input_error_cause", "os_error_cause", "switch"]
 
 # arguments of monai.bundle's ``run`` itself, not config overrides
 _RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 def input_error_cause(error: BaseException) -> RegistrationInputError | None:
@@ -33,22 +32,6 @@ def os_error_cause(error: BaseException) -> OSError | None:
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__
     return cause
-
-
-def switch(value: Any, name: str = "switch") -> Any:
-    """A boolean setting as given: a bool, or text ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case), which
-    is how a switch arrives from the command line; a list of them (or its text, ``[true,false]``) gives a list of
-    bools. Anything else raises a clear error naming ``--name``."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [switch(v, name) for v in value]
-    text = str(value).strip().lower()
-    if text.startswith("[") and text.endswith("]"):
-        return [switch(v, name) for v in text[1:-1].split(",")]
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise RegistrationInputError(f"--{name} {value}: a switch is true or false")
 
 
 def _one_line_hook(previous: Callable[..., Any]) -> Callable[..., None]:

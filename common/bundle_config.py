@@ -1,0 +1,101 @@
+"""Each bundle's complete config files, built from the shared bases in ``common/configs/`` and the bundle's deltas.
+
+    python -m common.bundle_config           # rewrite every bundle's built configs
+    python -m common.bundle_config --check   # exit 1 naming each built config that is out of date
+
+What all bundles share is written once, in ``common/configs/``: ``inference.json`` (inputs, loading, outputs,
+evaluator), ``neural_ode_inference.json`` (the Neural ODE flow and its instance optimisation), ``train.json`` (the
+held-out split, trainer, validation, checkpoints that resume). A bundle's ``configs/<name>_delta.json`` names its
+bases under ``_bases_`` and holds only what is its own; the merge is MONAI's own for a list of config files
+(``--config_file "[base, ..., delta]"`` gives the same content): a later file replaces a top-level key, and an
+``a#b`` key replaces one nested value. The result is written as the bundle's ``configs/<name>.json``, so that a
+bundle runs, and exports to the model zoo, as self-contained files. ``logging.conf`` (every bundle) and
+``multi_gpu_train.json`` (bundles that train) are the same for all bundles and are copied as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+__all__ = ["BASES_DIR", "DELTA_SUFFIX", "built_configs", "format_config", "merged_config", "write_bundle_configs"]
+
+BASES_DIR = Path(__file__).resolve().parent / "configs"
+DELTA_SUFFIX = "_delta.json"
+_BASES_KEY = "_bases_"
+_LINE = 116  # JSON arrays and objects that fit on one line of this width stay on one line
+
+
+def merged_config(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> dict[str, Any]:
+    """The full config of a bundle's ``delta`` file: its ``_bases_`` (names in ``bases_dir``) then the delta, merged
+    as MONAI merges a list of config files."""
+    content = json.loads(Path(delta).read_text())
+    bases = content.get(_BASES_KEY)
+    if not isinstance(bases, list) or not bases:
+        raise ValueError(f"{delta}: '{_BASES_KEY}' must list the base configs it extends, e.g. [\"inference\"]")
+    files = [str(Path(bases_dir) / f"{name}.json") for name in bases] + [str(delta)]
+    merged = ConfigParser.load_config_files(files)
+    merged.pop(_BASES_KEY)
+    return merged
+
+
+def format_config(config: Any, indent: int = 0, key_width: int = 0) -> str:
+    """``config`` as JSON with 4-space indents, each array or object on one line when it fits in 116 characters."""
+    compact = json.dumps(config, separators=(", ", ": "))
+    if not isinstance(config, (dict, list)) or indent + key_width + len(compact) <= _LINE:
+        return compact
+    pad = " " * (indent + 4)
+    if isinstance(config, dict):
+        items = [
+            f"{pad}{json.dumps(k)}: {format_config(v, indent + 4, len(json.dumps(k)) + 2)}" for k, v in config.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + format_config(v, indent + 4) for v in config]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+
+
+def built_configs(bundle: str | Path, bases_dir: str | Path = BASES_DIR) -> dict[Path, str]:
+    """Every built file of one bundle folder and the text it must have."""
+    configs = Path(bundle) / "configs"
+    built = {
+        delta.with_name(delta.name[: -len(DELTA_SUFFIX)] + ".json"): format_config(merged_config(delta, bases_dir))
+        + "\n"
+        for delta in sorted(configs.glob(f"*{DELTA_SUFFIX}"))
+    }
+    shared = ["logging.conf"] + (["multi_gpu_train.json"] if configs.joinpath("train.json") in built else [])
+    built.update({configs / name: (Path(bases_dir) / name).read_text() for name in shared})
+    return built
+
+
+def write_bundle_configs(bundles_dir: str | Path, check: bool = False) -> list[Path]:
+    """Write the built configs of every bundle (a folder with ``configs/metadata.json``) in ``bundles_dir``; with
+    ``check``, write nothing. Returns the files that were (or, with ``check``, would be) changed."""
+    changed = []
+    for metadata in sorted(Path(bundles_dir).glob("*/configs/metadata.json")):
+        for target, text in built_configs(metadata.parent.parent).items():
+            if not target.is_file() or target.read_text() != text:
+                changed.append(target)
+                if not check:
+                    target.write_text(text)
+    return changed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundles", default=str(Path(__file__).resolve().parents[1] / "bundles"))
+    parser.add_argument("--check", action="store_true", help="only report configs that are out of date")
+    args = parser.parse_args()
+    changed = write_bundle_configs(args.bundles, check=args.check)
+    for path in changed:
+        print(("out of date: " if args.check else "written: ") + str(path))
+    if args.check and changed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
