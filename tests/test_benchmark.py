@@ -41,10 +41,13 @@ def test_overrides_reach_the_bundles_only(monkeypatch, tmp_path):
     monkeypatch.setattr(run_benchmark.subprocess, "run", fake_run)
     pair = run_benchmark.Pair("tuning_t2", "s01_to_s02", *(tmp_path / f"{k}.nii.gz" for k in "abcd"), groups={})
     for method in ("ants_strong", "node_lmi"):
-        run_benchmark.run_method(pair, method, tmp_path / method, 1, 1.0, overrides=["similarity#num_bins=8"], device="cuda")
+        run_benchmark.run_method(
+            pair, method, tmp_path / method, 1, 1.0, overrides=["similarity#num_bins=8"], device="cuda"
+        )
     assert "--override" not in commands[0] and "--device" not in commands[0]
     at = commands[1].index("--override")
-    assert commands[1][at : at + 2] == ["--override", "similarity#num_bins=8"] and commands[1][-2:] == ["--device", "cuda"]
+    assert commands[1][at : at + 2] == ["--override", "similarity#num_bins=8"]
+    assert commands[1][-2:] == ["--device", "cuda"]
 
 
 @pytest.mark.parametrize("contrast", ["flair", "pd"])
