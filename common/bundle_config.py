@@ -67,7 +67,8 @@ def built_configs(bundle: str | Path, bases_dir: str | Path = BASES_DIR) -> dict
         + "\n"
         for delta in sorted(configs.glob(f"*{DELTA_SUFFIX}"))
     }
-    shared = ["logging.conf"] + (["multi_gpu_train.json"] if configs.joinpath("train.json") in built else [])
+    trains = any(path.name.startswith("train") for path in built)
+    shared = ["logging.conf"] + (["multi_gpu_train.json"] if trains else [])
     built.update({configs / name: (Path(bases_dir) / name).read_text() for name in shared})
     return built
 

@@ -248,3 +248,16 @@ def test_label_to_contrast_renders_each_key_in_its_named_contrast_every_time(pha
     np.testing.assert_array_equal(out["fixed"][0].numpy(), render_contrast(phantom, "t2", seed=6))
     with pytest.raises(ValueError, match="one image key and one contrast"):
         LabelToContrastd(["a", "b"], ["x"], ["t1", "t2"])
+
+
+def test_t1_only_prior_draws_give_t1_like_images_that_still_vary(phantom):
+    """``prior_contrasts=("t1",)`` with ``prior_prob`` 1 (the mono-modal backbone's training pairs): white matter
+    always brighter than cortex and CSF darkest, yet two draws of one map differ (jitter, bias, noise, gamma)."""
+    labels = torch.as_tensor(phantom).long()[None]
+    transform = RandLabelToImaged(["a"], ["image"], prior_prob=1.0, prior_contrasts=("t1",))
+    images = [transform.set_random_state(seed)({"a": labels})["image"] for seed in range(6)]
+    for image in images:
+        assert image[labels == WM].mean() > image[labels == GM].mean()
+    assert (images[0] - images[1]).abs()[labels > 0].mean() > 0.01
+    with pytest.raises(ValueError, match="prior_contrasts"):
+        RandLabelToImaged(["a"], ["image"], prior_contrasts=("t3",))

@@ -271,3 +271,34 @@ def test_tto_kd_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
     assert len(_curve(tmp_path)) == 1
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["teacher.pt"]
     _tto_kd_network(tmp_path / "models" / "teacher.pt", [16, 32, 32, 32, 32, 64, 64, 64])
+
+
+VFA_ADAPTER = REPO / "bundles" / "vfa_brainid_adapter" / "configs"
+
+
+def test_the_adapter_backbone_and_style_network_train_resume_and_load_into_the_inference_config(tmp_path):
+    """Two tiny runs of each of vfa_brainid_adapter's training configs: the VFA backbone on T1-like pairs (val_dice
+    on the curve) and the Brain-ID style network (PSNR against the T1 rendering, and the input's own error beside
+    it); each resumes, and its weights load into the inference config's network of the official layout."""
+    backbone_dir, synth_dir = tmp_path / "backbone", tmp_path / "synth"
+    for epochs in (1, 2):
+        _run(
+            str(VFA_ADAPTER / "train_backbone.json"),
+            backbone_dir,
+            epochs,
+            [sys.executable],
+            _tto_kd_values(backbone_dir, epochs),
+        )
+        synth_values = {**_tto_kd_values(synth_dir, epochs), "training_shape": [32, 32, 32]}
+        _run(str(VFA_ADAPTER / "train_synth.json"), synth_dir, epochs, [sys.executable], synth_values)
+    backbone_rows, synth_rows = _curve(backbone_dir), _curve(synth_dir)
+    assert [r["iteration"] for r in backbone_rows] == ["2.0", "4.0"] and float(backbone_rows[-1]["val_dice_before"]) > 0
+    assert [r["iteration"] for r in synth_rows] == ["2.0", "4.0"]
+    assert all(float(r["val_psnr"]) > 0 and float(r["val_mae_input"]) > 0 for r in synth_rows)
+    parser = ConfigParser()
+    parser.read_config(str(VFA_ADAPTER / "inference.json"))
+    parser["backbone_weights"] = str(backbone_dir / "models" / "backbone.pt")
+    parser["synth_weights"] = str(synth_dir / "models" / "synth.pt")
+    backbone = parser.get_parsed_content("network_def").backbone
+    assert sum(p.numel() for p in backbone.parameters()) == 2_014_827  # the official VFA size
+    assert parser.get_parsed_content("style_transfer").synthesizer is not None

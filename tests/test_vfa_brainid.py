@@ -4,13 +4,14 @@ checkpoint files, forward contracts), the progressive refiner and the contrast g
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
 
 from common.engine import ContrastGate
 from common.io import RegistrationInputError, load_image, load_label, resample_to_grid
-from common.networks import VFA, BrainIDSynthesizer, ProgressiveRefiner, checkpoint_state_dict
+from common.networks import VFA, BrainIDSynthesizer, DisplacementUNet, ProgressiveRefiner, checkpoint_state_dict
 from common.sample import sample_pair
 from common.spatial import warp
 from common.synthesis import render_contrast
@@ -167,3 +168,90 @@ def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap
     assert dice_after > dice_before + 0.02, (dice_before, dice_after)
     assert len(calls) == 1  # once per pair: the optimisation and the final field reuse it
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+class _Invert(torch.nn.Module):
+    """A stand-in synthesizer that maps a T2-like image to a T1-like one by inverting it (for a known outcome)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.scale * (1 - image)
+
+
+def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engine_optimises_on_its_output():
+    """The gate routes a T1/T2 pair through the synthesizer (frozen: its parameter gets no gradient) and leaves a
+    T1/T1 pair alone; the test-time engine gives the network and the objective the transferred pair and writes the
+    decision into its stats."""
+    from common.engine import GatedStyleTransfer, TestTimeOptimizationInferer
+    from common.losses import DisplacementSmoothnessLoss, RegistrationObjective
+
+    labels = torch.as_tensor(load_label(sample_pair()["fixed_label"], load_image(sample_pair()["fixed"]))[0])
+    t1, t2 = (torch.as_tensor(render_contrast(labels.numpy(), c, seed=1))[None, None].clamp(0, 1) for c in ("t1", "t2"))
+    synth = _Invert()
+    transfer = GatedStyleTransfer(synth, ContrastGate())
+    fixed, moving, decisions = transfer(t1, t2, (2.0, 2.0, 2.0))
+    assert decisions["style_transfer"] is True and decisions["contrast_correlation"] < 0.6 and synth.calls == 2
+    assert not synth.scale.requires_grad and torch.allclose(fixed, 1 - t1) and torch.allclose(moving, 1 - t2)
+    _, kept, decisions = transfer(t1, t1.clone(), (2.0, 2.0, 2.0))
+    assert decisions["style_transfer"] is False and torch.equal(kept, t1) and synth.calls == 2
+
+    seen = {}
+
+    class Record(torch.nn.Module):
+        inputs = ("fixed", "moving")
+
+        def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+            seen["pair"] = (fixed.detach(), moving.detach())
+            return (fixed - moving).abs().mean()
+
+    network = DisplacementUNet(channels=(4, 4, 4, 4, 4, 4, 4, 4), norm="instance")
+    objective = RegistrationObjective(
+        {"record": Record(), "smooth": DisplacementSmoothnessLoss()}, {"record": 1.0, "smooth": 1.0}
+    )
+    inferer = TestTimeOptimizationInferer(
+        network, objective, iterations=1, time_budget_s=None, multiple=16, progress=False, pair_transform=transfer
+    )
+    result = inferer(t1 * 100, t2 * 100, (1.0, 1.0, 1.0))
+    assert result.stats.decisions["style_transfer"] is True
+    fixed_seen, moving_seen = seen["pair"]
+    assert torch.corrcoef(torch.stack([fixed_seen.flatten(), moving_seen.flatten()]))[0, 1] > 0.5  # now alike
+
+
+def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_it_decided(tmp_path):
+    """The bundle's inference config end to end on the embedded sample (untrained backbone, no synthesizer, five
+    refinement steps): the contract's outputs, the decision in metrics.json; and without its trained backbone file
+    the user is told how to get one."""
+    import json
+
+    from monai.bundle import ConfigWorkflow
+
+    from common.workflow import input_error_cause
+
+    config = str(Path(__file__).resolve().parents[1] / "bundles" / "vfa_brainid_adapter" / "configs" / "inference.json")
+    quick = {"synth_weights": "", "inferer#iterations": 3, "progress": False, "save_qc": False, "device": "cpu"}
+    workflow = ConfigWorkflow(
+        config_file=config, workflow_type="infer", output_dir=str(tmp_path), backbone_weights="", **quick
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bundle"] == "vfa_brainid_adapter" and metrics["decisions"] == {"style_transfer": False}
+    for name in ("warped.nii.gz", "ddf.nii.gz", "inverse_ddf.nii.gz", "jacobian.nii.gz"):
+        assert (tmp_path / name).is_file(), name
+    missing = ConfigWorkflow(
+        config_file=config,
+        workflow_type="infer",
+        output_dir=str(tmp_path / "b"),
+        backbone_weights=str(tmp_path / "x.pt"),
+        **quick,
+    )
+    with pytest.raises(Exception) as error:
+        missing.initialize()
+        missing.run()
+    assert "train them with the bundle's training config" in str(input_error_cause(error.value))

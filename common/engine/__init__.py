@@ -1,6 +1,6 @@
 from .affine import AffineRegistration, AffineResult
 from .finetuning import TestTimeOptimizationInferer, working_shape
-from .gate import ContrastGate, local_correlation
+from .gate import ContrastGate, GatedStyleTransfer, local_correlation
 from .optimizer import BestState, create_pair_engine
 from .protocols import (
     InvertibleModel,
@@ -17,6 +17,7 @@ __all__ = [
     "AffineResult",
     "BestState",
     "ContrastGate",
+    "GatedStyleTransfer",
     "InstanceOptimizationInferer",
     "InvertibleModel",
     "LocalDescriptor",

@@ -55,6 +55,9 @@ class TestTimeOptimizationInferer(Inferer):
         multiple: the working grid's sides are multiples of this (16 for a U-Net with four poolings).
         progress: show a progress bar.
         normalize: intensity transform of each image; None: the 0.5 and 99.5 percentiles mapped to 0 and 1, clipped.
+        pair_transform: ``(fixed, moving, spacing) -> (fixed, moving, decisions)`` applied once to the pair on the
+            working grid before anything else sees it (e.g. :class:`~common.engine.GatedStyleTransfer`); the network
+            and the objective get its output, the decisions go to the result's stats.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class TestTimeOptimizationInferer(Inferer):
         multiple: int = 16,
         progress: bool = True,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pair_transform: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.network = network
@@ -79,6 +83,7 @@ class TestTimeOptimizationInferer(Inferer):
         self.warmup_steps = warmup_steps
         self.progress = progress
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
+        self.pair_transform = pair_transform
 
     def __call__(  # type: ignore[override]
         self,
@@ -102,10 +107,14 @@ class TestTimeOptimizationInferer(Inferer):
             for key, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask))
             if mask is not None
         }
+        stats = RegistrationStats(iterations=[0], grid=list(grid))
+        if self.pair_transform is not None:
+            working_spacing = [s * n / g for s, n, g in zip(spacing, shape, grid)]
+            self.pair_transform.to(fixed.device)
+            fixed_w, moving_w, stats.decisions = self.pair_transform(fixed_w, moving_w, working_spacing)
         pair = torch.cat([moving_w, fixed_w], dim=1)
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
-        stats = RegistrationStats(iterations=[0], grid=list(grid))
         if self.iterations > 0:
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
             warmup = max(self.warmup_steps, 1)

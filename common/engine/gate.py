@@ -1,17 +1,19 @@
-"""The contrast gate: whether two images are far enough apart in contrast to need a style transfer first."""
+"""The contrast gate (whether two images are far enough apart in contrast to need a style transfer first) and the
+gated style transfer of a pair."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn as nn
 from monai.networks.layers import GaussianFilter
 
 from common.spatial import scaled_shape
 
 from .registration import downsample_image
 
-__all__ = ["ContrastGate", "local_correlation"]
+__all__ = ["ContrastGate", "GatedStyleTransfer", "local_correlation"]
 
 
 def local_correlation(fixed: torch.Tensor, moving: torch.Tensor, sigma: float = 1.0, eps: float = 1e-4) -> float:
@@ -58,3 +60,47 @@ class ContrastGate:
         if self.mode != "auto":
             return self.mode == "always", correlation
         return correlation < self.threshold, correlation
+
+
+class GatedStyleTransfer(nn.Module):
+    """A pair transform: when ``gate`` finds a contrast gap, the images named by ``transfer`` go through the frozen
+    ``synthesizer`` (an image in ``[0, 1]`` -> a T1-like image), so that a mono-modal backbone, the refiners and their
+    similarity all see a like-contrast pair.
+
+    Args:
+        synthesizer: image ``[1, 1, X, Y, Z]`` -> T1-like image (e.g. :class:`~common.networks.BrainIDSynthesizer`);
+            frozen here. None: the pair is never transferred.
+        gate: a :class:`ContrastGate`; None: transfer whenever there is a synthesizer.
+        transfer: which images go through the synthesizer: ``"both"``, ``"fixed"`` or ``"moving"``.
+    """
+
+    def __init__(self, synthesizer: nn.Module | None, gate: ContrastGate | None = None, transfer: str = "both") -> None:
+        super().__init__()
+        if transfer not in ("both", "fixed", "moving"):
+            raise ValueError(f"transfer must be both, fixed or moving, got {transfer!r}.")
+        self.synthesizer = synthesizer.requires_grad_(False).eval() if synthesizer is not None else None
+        self.gate, self.transfer = gate, transfer
+
+    def train(self, mode: bool = True) -> GatedStyleTransfer:
+        super().train(mode)
+        if self.synthesizer is not None:
+            self.synthesizer.eval()  # frozen: keeps its inference behaviour
+        return self
+
+    def forward(
+        self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float | bool]]:
+        """``(fixed, moving, decisions)`` for images ``[1, 1, X, Y, Z]`` in ``[0, 1]`` on one grid of voxel size
+        ``spacing`` (mm); ``decisions`` holds ``style_transfer`` and the gate's ``contrast_correlation``."""
+        decisions: dict[str, float | bool] = {}
+        transfer = self.synthesizer is not None
+        if transfer and self.gate is not None:
+            transfer, decisions["contrast_correlation"] = self.gate(fixed, moving, spacing)
+        decisions["style_transfer"] = transfer
+        if transfer:
+            with torch.no_grad():
+                if self.transfer in ("both", "fixed"):
+                    fixed = self.synthesizer(fixed).clamp(0, 1)
+                if self.transfer in ("both", "moving"):
+                    moving = self.synthesizer(moving).clamp(0, 1)
+        return fixed, moving, decisions

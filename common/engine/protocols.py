@@ -41,12 +41,14 @@ class PatchSimilarity(Protocol):
 
 @dataclass
 class RegistrationStats:
-    """How a registration ran: optimiser steps and seconds per stage, the loss it ended with, its working grid."""
+    """How a registration ran: optimiser steps and seconds per stage, the loss it ended with, its working grid, and
+    what the engine decided for this pair (``decisions``, e.g. whether a style transfer ran)."""
 
     iterations: list[int] = field(default_factory=list)
     stage_time_s: list[float] = field(default_factory=list)
     final_loss: float = math.nan
     grid: list[int] = field(default_factory=list)
+    decisions: dict[str, float | bool | str] = field(default_factory=dict)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .objective import (
     WarpedLabelDiceLoss,
     joint_one_hot,
 )
+from .reconstruction import IntensityGradientL1Loss
 from .regularizers import (
     DisplacementDivergenceLoss,
     DisplacementSmoothnessLoss,
@@ -34,6 +35,7 @@ __all__ = [
     "EngineTerm",
     "GlobalNormalizedCrossCorrelationLoss",
     "ImageSimilarity",
+    "IntensityGradientL1Loss",
     "JacobianBarrierLoss",
     "LocalMutualInformationLoss",
     "MultiAxisMutualInformationLoss",

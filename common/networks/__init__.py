@@ -1,7 +1,7 @@
 from .adapter import FrozenBackboneAdapter
 from .brainid import BrainIDSynthesizer, BrainIDUNet
 from .descriptor import DescriptorUNet, SelfSimilarityDescriptor
-from .displacement import DisplacementUNet
+from .displacement import DisplacementUNet, PairInput
 from .refiners import ProgressiveRefiner
 from .vfa import VFA, VFAEncoder
 from .weights import checkpoint_state_dict, frozen, load_weights
@@ -13,6 +13,7 @@ __all__ = [
     "DescriptorUNet",
     "DisplacementUNet",
     "FrozenBackboneAdapter",
+    "PairInput",
     "ProgressiveRefiner",
     "SelfSimilarityDescriptor",
     "VFAEncoder",

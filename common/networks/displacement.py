@@ -1,15 +1,16 @@
-"""A U-Net that predicts a dense displacement field from an image pair."""
+"""Networks that predict a dense displacement field from an image pair."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.networks.nets import VoxelMorphUNet
 
-__all__ = ["DisplacementUNet"]
+__all__ = ["DisplacementUNet", "PairInput"]
 
 
 class DisplacementUNet(VoxelMorphUNet):
@@ -79,3 +80,16 @@ class DisplacementUNet(VoxelMorphUNet):
             magnitude = torch.stack(torch.gradient(smoothed, dim=(2, 3, 4))).pow(2).sum(0).sqrt()
             pair = magnitude / (magnitude.mean(dim=(2, 3, 4), keepdim=True) + 1e-6)
         return super().forward(pair)
+
+
+class PairInput(nn.Module):
+    """A two-image network ``(fixed, moving) -> ddf`` (such as :class:`~common.networks.VFA`) called the way the
+    collection's training steps and engines call networks: with one pair ``[B, 2, X, Y, Z]`` (moving, fixed). The
+    wrapped network keeps its own state-dict keys (save ``network``, not this module)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.network(pair[:, 1:], pair[:, :1])

@@ -10,7 +10,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import convert_to_tensor, ensure_tuple
 
-from .render import CLASS_MEANS, render_contrast, render_labels, tissue_class
+from .render import CLASS_MEANS, CONTRASTS, render_contrast, render_labels, tissue_class
 
 __all__ = ["LabelToContrastd", "RandLabelToImaged"]
 
@@ -34,6 +34,8 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         group_labels: labels of one tissue class share a mean, so that structures keep their anatomical grouping.
         jitter: standard deviation of the per-label offset from its class mean.
         prior_prob: probability of a real contrast's class means.
+        prior_contrasts: the real contrasts drawn from (names in :data:`common.synthesis.CONTRASTS`); ``("t1",)`` with
+            ``prior_prob`` 1 gives T1-like images that still vary in jitter, blur, bias, noise and gamma.
         max_blur: upper bound of the blur's standard deviation (voxels), drawn uniformly from 0.
         max_bias: upper bound of the bias field's log-amplitude.
         max_noise: upper bound of the noise standard deviation.
@@ -52,6 +54,7 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         group_labels: bool = True,
         jitter: float = 0.05,
         prior_prob: float = 0.5,
+        prior_contrasts: Sequence[str] = CONTRASTS,
         max_blur: float = 1.0,
         max_bias: float = 0.3,
         max_noise: float = 0.05,
@@ -67,6 +70,10 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         if len(self.image_keys) != len(self.keys):
             raise ValueError(f"one image key per label key: got {len(self.image_keys)} for {len(self.keys)}.")
         self.group_labels, self.jitter, self.prior_prob = group_labels, jitter, prior_prob
+        unknown = sorted(set(prior_contrasts) - set(CONTRASTS))
+        if unknown or not prior_contrasts:
+            raise ValueError(f"prior_contrasts must be some of {CONTRASTS}, got {tuple(prior_contrasts)}.")
+        self.prior_columns = [CONTRASTS.index(c) for c in prior_contrasts]
         self.max_blur, self.max_bias, self.max_noise = max_blur, max_bias, max_noise
         self.max_slice_factor, self.gamma_std, self.background_prob = max_slice_factor, gamma_std, background_prob
         self.same_contrast_prob = same_contrast_prob
@@ -75,7 +82,7 @@ class RandLabelToImaged(RandomizableTransform, MapTransform):
         """A draw of contrast; a label value gets the same mean whatever map it comes from."""
         classes = sorted(CLASS_MEANS)
         if self.R.uniform() < self.prior_prob:
-            column = int(self.R.randint(len(next(iter(CLASS_MEANS.values())))))
+            column = self.prior_columns[int(self.R.randint(len(self.prior_columns)))]
             class_mean = {name: CLASS_MEANS[name][column] for name in classes}
         else:
             class_mean = dict(zip(classes, self.R.uniform(size=len(classes)).tolist()))

@@ -142,6 +142,7 @@ class MetricsWriter(PairOutputHandler):
             "iterations": sum(stats.iterations),
             "iterations_per_stage": stats.iterations,
             "final_loss": stats.final_loss,
+            **({"decisions": stats.decisions} if stats.decisions else {}),
             **output["metrics"],
             "peak_memory_mb": peak_memory_mb(device),
         }
