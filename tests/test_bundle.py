@@ -275,6 +275,20 @@ def _run(**overrides) -> None:
     workflow.run()
 
 
+def test_a_moving_label_alone_is_warped_and_a_fixed_label_alone_is_refused(pair, tmp_path):
+    """Atlas-based segmentation: with only the moving image's labels, their warped copy is written (the fixed image's
+    segmentation) and equals the labelled run's, without Dice; a fixed label map alone has nothing to compare with."""
+    images = {"fixed": pair["fixed"], "moving": pair["moving"]}
+    _run(output_dir=str(tmp_path / "both"), **pair)
+    _run(output_dir=str(tmp_path / "atlas"), moving_label=pair["moving_label"], **images)
+    atlas, both = (nib.load(tmp_path / d / "warped_label.nii.gz").get_fdata() for d in ("atlas", "both"))
+    assert np.array_equal(atlas, both)
+    assert "dice" not in json.loads((tmp_path / "atlas" / "metrics.json").read_text())
+    with pytest.raises(RuntimeError) as failure:
+        _run(output_dir=str(tmp_path / "fixed_only"), fixed_label=pair["fixed_label"], **images)
+    assert "--fixed_label needs --moving_label" in str(input_error_cause(failure.value))
+
+
 def test_a_rerun_leaves_one_consistent_set_and_no_debris(pair, tmp_path):
     """A second run into the same folder (here without labels) replaces the first run's set: no stale
     warped_label.nii.gz, metrics.json lists exactly the files there, and a killed run's staging folder is gone."""

@@ -48,10 +48,14 @@ def bundle_component(name: str, id: str, overrides: Mapping[str, Any] | None = N
 
 
 def _check_companions(pair: Mapping[str, Any], where: str = "") -> None:
-    """Labels and landmarks come in fixed/moving pairs."""
-    for a, b in (("fixed_label", "moving_label"), ("fixed_landmarks", "moving_landmarks")):
-        if bool(pair.get(a)) != bool(pair.get(b)):
-            raise RegistrationInputError(f"{where}--{a} and --{b} go together: give both or neither")
+    """Landmarks come in fixed/moving pairs; a moving label map may come alone (its warped copy is then the fixed
+    image's segmentation, as in atlas-based segmentation), a fixed one only with a moving one to compare."""
+    if pair.get("fixed_label") and not pair.get("moving_label"):
+        raise RegistrationInputError(f"{where}--fixed_label needs --moving_label: the labels to compare it with")
+    if bool(pair.get("fixed_landmarks")) != bool(pair.get("moving_landmarks")):
+        raise RegistrationInputError(
+            f"{where}--fixed_landmarks and --moving_landmarks go together: give both or neither"
+        )
 
 
 def _datalist_pairs(datalist: str) -> list[dict[str, Any]]:
