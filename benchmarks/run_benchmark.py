@@ -13,6 +13,10 @@ Datasets:
     heldout_t2_moved  the heldout_t2 pairs with the moving scan moved in world space by a random affine map about its
                  centre (rotation up to 10 degrees about each axis, translation up to 10 mm, scaling up to 10 %,
                  shear up to 0.05; seeded per pair): what an affine stage must undo;
+    real_known   real contrasts (the SPM12 T2 and PD, the FLAIR and CT templates) moved by a known smooth deformation
+                 and acquired unlike the fixed SPM12 T1 template (thick slices, bias, noise, some on another voxel
+                 size), labelled by the Neuromorphometrics atlas carried along (``benchmarks/real_data.py``);
+    real_identity  the same acquisitions without deformation: the identity is the answer;
     tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training
                  maps), at 2 mm: where hyperparameters are chosen, so that the held-out sets stay untouched;
     tuning_t2_1mm, tuning_flair_1mm, tuning_pd_1mm  the same tuning pairs at 1 mm, for settings that matter at full
@@ -63,6 +67,7 @@ from benchmarks.make_sample import (
     save_nifti,
 )
 from benchmarks.peers import METHODS, PEERS, thread_env
+from benchmarks.real_data import NEUROMORPHOMETRICS_GROUPS, REAL_CASES, real_pair_files
 from common.metrics import (
     dice_per_label,
     hd95_per_label,
@@ -77,7 +82,7 @@ FIXED_CONTRASTS = ("t2", "flair", "pd")
 DATASETS = (
     ("t1_real", "mm_1mm", "mm_2mm")
     + tuple(f"heldout_{c}" for c in FIXED_CONTRASTS)
-    + ("heldout_t2_moved",)
+    + ("heldout_t2_moved", "real_known", "real_identity")
     + tuple(f"tuning_{c}" for c in FIXED_CONTRASTS)
     + tuple(f"tuning_{c}_1mm" for c in FIXED_CONTRASTS)
 )
@@ -346,6 +351,13 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
                 if f"{name}_moved" in datasets:
                     at_2mm = [downsampled_pair(pair, cache, seed, name) for pair in rendered]
                     pairs += [moved_pair(pair, cache, seed, f"{name}_moved") for pair in at_2mm]
+    for dataset in ("real_known", "real_identity"):
+        if dataset in datasets:
+            for case in list(REAL_CASES)[:count]:
+                folder = cache / dataset / f"seed{seed}" / f"{case}_to_t1"
+                files = real_pair_files(data_dir, folder, case, seed, deformed=dataset == "real_known")
+                files.pop("known_field")
+                pairs.append(Pair(dataset, f"{case}_to_t1", groups=NEUROMORPHOMETRICS_GROUPS, **files))
     return pairs
 
 
