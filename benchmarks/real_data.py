@@ -23,7 +23,15 @@ from scipy.ndimage import map_coordinates, uniform_filter1d, zoom
 
 from benchmarks.make_sample import save_nifti
 
-__all__ = ["NEUROMORPHOMETRICS_GROUPS", "REAL_CASES", "acquire", "known_field", "real_pair_files", "world_grid", "world_to_voxel"]
+__all__ = [
+    "NEUROMORPHOMETRICS_GROUPS",
+    "REAL_CASES",
+    "acquire",
+    "known_field",
+    "real_pair_files",
+    "world_grid",
+    "world_to_voxel",
+]
 
 SPM = Path("templates") / "spm12"
 FIXED_T1 = SPM / "canonical_avg152T1.nii.gz"

@@ -136,7 +136,7 @@ def test_real_known_pairs_are_undone_by_their_known_field_and_identity_pairs_nee
     from nibabel.processing import resample_from_to
     from scipy.ndimage import map_coordinates
 
-    from benchmarks.real_data import world_grid, world_to_voxel, real_pair_files
+    from benchmarks.real_data import real_pair_files, world_grid, world_to_voxel
     from common.metrics import dice_per_label, mean_dict
 
     def dice(a: np.ndarray, b: np.ndarray) -> float:
