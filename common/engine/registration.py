@@ -68,7 +68,7 @@ class InstanceOptimizationInferer(Inferer):
 
     Args:
         model_factory: builds the transform model for a flow grid, ``model_factory(shape=(X, Y, Z)) -> nn.Module``
-            (e.g. a Neural ODE bundle's ``flow_factory``, a component in callable mode).
+            (e.g. a bundle's ``network_def`` in callable mode).
         objective: the weighted terms minimised, e.g. the similarity, a Jacobian barrier, smoothness and the
             velocity's magnitude.
         similarity: loss ``(pred, target) -> scalar`` on descriptors ``[1, C, X, Y, Z]``, passed to the objective as

@@ -45,7 +45,7 @@ class NeuralODEFlow(nn.Module):
         super().__init__()
         self.velocity_net = velocity_net(shape=shape)
         self.num_steps, self.solver = num_steps, solver
-        self.adjoint = switch(adjoint, "flow_factory#adjoint")
+        self.adjoint = switch(adjoint, "network_def#adjoint")
 
     def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         """Displacement ``phi_1 - id`` ``[B, 3, *S]`` (voxels) of the flow of ``velocity`` ``[B, 3, *S]``."""
@@ -72,7 +72,7 @@ def save_initial_weights(
     ships), drawn with ``seed``, to ``path``; never over an existing file. Returns ``path``.
 
     Args:
-        model_factory: builds the flow, ``model_factory(shape=shape)`` (a Neural ODE bundle's ``flow_factory``).
+        model_factory: builds the flow, ``model_factory(shape=shape)`` (a bundle's ``network_def``).
         path: the new file.
         seed: seed of the initialisation.
         shape: any flow grid: the weights written do not depend on it.
