@@ -186,3 +186,38 @@ def test_qc_figure_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(ValueError):
         save_qc_figure(fixed, fixed, fixed[:-1], fixed, (1.0, 1.0, 1.0), tmp_path / "qc.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_normalized_mutual_information_is_one_for_a_remapped_image_and_near_zero_for_noise():
+    from common.metrics import normalized_mutual_information
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 8, (24, 24, 24), generator=g).float()
+    assert normalized_mutual_information(a, 7 - a, bins=8) == pytest.approx(1.0)  # inverted contrast, same content
+    assert normalized_mutual_information(a, torch.rand(24, 24, 24, generator=g), bins=8) < 0.05
+
+
+def test_the_plausibility_report_flags_what_users_should_not_trust():
+    """No warning for an identity result; a large field that changed nothing in the image (for no similarity gain) and
+    a result whose similarity fell are flagged, and the region is the fixed mask when there is one."""
+    from common.spatial import jacobian_determinant
+    from common.workflow import PlausibilityReportd
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 24, 24, 24, generator=g) + 0.5
+    moving_on_fixed = 2 - fixed + 0.05 * torch.rand(1, 24, 24, 24, generator=g)
+
+    def report(ddf: torch.Tensor, warped: torch.Tensor, **extra) -> dict:
+        data = {"fixed": fixed, "moving_on_fixed": moving_on_fixed, "warped": warped, "ddf": ddf, "spacing": (2.0,) * 3}
+        data["jacobian"] = jacobian_determinant(ddf)[0, 0]
+        return PlausibilityReportd()({**data, **extra})["metrics"]["plausibility"]
+
+    still = report(torch.zeros(1, 3, 24, 24, 24), moving_on_fixed)
+    assert still["warnings"] == [] and still["jacobian_percentiles"]["p1"] == pytest.approx(1.0)
+    assert still["nmi"]["after"] == pytest.approx(still["nmi"]["before"])
+    shifted = report(torch.full((1, 3, 24, 24, 24), 4.0), moving_on_fixed)  # 13.9 mm everywhere, nothing gained
+    assert any("large displacements" in w for w in shifted["warnings"])
+    worse = report(torch.zeros(1, 3, 24, 24, 24), torch.rand(1, 24, 24, 24, generator=g))
+    assert any("similarity fell" in w for w in worse["warnings"])
+    masked = report(torch.zeros(1, 3, 24, 24, 24), moving_on_fixed, fixed_mask=torch.ones(1, 24, 24, 24))
+    assert masked["region"] == "fixed mask"

@@ -41,6 +41,10 @@ def server(tmp_path_factory):
     studies = root / "studies"
     studies.mkdir()
     shutil.copyfile(sample_pair()["fixed"], studies / "subject.nii.gz")
+    # a labelled image of the datastore, to register instead of the atlas (image-to-image)
+    shutil.copyfile(sample_pair()["moving"], studies / "labelled_t1.nii.gz")
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copyfile(sample_pair()["moving_label"], studies / "labels" / "final" / "labelled_t1.nii.gz")
     port = _free_port()
     monailabel = Path(sys.executable).with_name("monailabel")
     command = [str(monailabel), "start_server", "--app", str(REPO / "apps" / "monailabel"), "--studies", str(studies)]
@@ -113,8 +117,29 @@ def test_an_infer_request_returns_the_bundles_own_warped_atlas_labels(server, tm
     }
 
 
+def test_another_datastore_image_and_its_label_can_replace_the_atlas(server, tmp_path):
+    """``moving_image`` names a labelled datastore image (here a copy of the atlas): the answer is the same label as
+    with the atlas itself."""
+    answers = []
+    for params in ({"overrides": FAST}, {"overrides": FAST, "moving_image": "labelled_t1"}):
+        response = httpx.post(
+            f"{server['url']}/infer/node_mind",
+            params={"image": "subject", "output": "image"},
+            data={"params": json.dumps(params)},
+            timeout=600,
+        )
+        assert response.status_code == 200, response.text[-2000:]
+        path = tmp_path / f"{len(answers)}.nii.gz"
+        path.write_bytes(response.content)
+        answers.append(np.asarray(nib.load(path).dataobj))
+    assert np.array_equal(*answers) and answers[0].max() > 0
+
+
 def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server):
     for model, image in (("no_such_bundle", "subject"), ("node_mind", "no_such_image")):
         response = httpx.post(f"{server['url']}/infer/{model}", params={"image": image}, timeout=60)
         assert response.status_code >= 400, (model, image)
+    unlabelled = {"params": json.dumps({"moving_image": "subject"})}  # an image without a label to carry over
+    response = httpx.post(f"{server['url']}/infer/node_mind", params={"image": "subject"}, data=unlabelled, timeout=60)
+    assert response.status_code >= 400
     assert httpx.get(f"{server['url']}/info/", timeout=10).status_code == 200

@@ -1,10 +1,10 @@
-"""Evaluation metrics of a registration: overlap, folding, landmark error and local multimodal similarity."""
+"""Evaluation metrics of a registration: overlap, folding, landmark error and multimodal similarity."""
 
 from __future__ import annotations
 
 from .jacobian import ndv_percent, nonpositive_jacobian_percent
 from .landmarks import tre
-from .mutual_information import patchwise_mi_map
+from .mutual_information import normalized_mutual_information, patchwise_mi_map
 from .overlap import dice_per_label, hd95_per_label, mean_dict
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "mean_dict",
     "ndv_percent",
     "nonpositive_jacobian_percent",
+    "normalized_mutual_information",
     "patchwise_mi_map",
     "tre",
 ]

@@ -1,4 +1,4 @@
-"""Patch-wise normalised mutual information map (PMM) between two images on one grid."""
+"""Normalised mutual information between two images on one grid: over a region, and per patch (PMM)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
-__all__ = ["patchwise_mi_map"]
+__all__ = ["normalized_mutual_information", "patchwise_mi_map"]
 
 
 def _volume(x: torch.Tensor | np.ndarray, device: torch.device | None = None) -> torch.Tensor:
@@ -27,6 +27,29 @@ def _bin_indices(image: torch.Tensor, bins: int) -> torch.Tensor:
 def _entropy(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Shannon entropy (nats) of the distributions ``p`` summed over ``dims``; 0 log 0 = 0."""
     return -torch.special.xlogy(p, p).sum(dims)
+
+
+def normalized_mutual_information(
+    a: torch.Tensor | np.ndarray,
+    b: torch.Tensor | np.ndarray,
+    bins: int = 32,
+    mask: torch.Tensor | np.ndarray | None = None,
+) -> float:
+    """NMI = 2 MI / (H(a) + H(b)) of two images ``[X, Y, Z]`` over ``mask`` (default: everywhere): 1 when one image
+    determines the other, 0 when they are independent. Each image is scaled to [0, 1] by its min/max inside the
+    region and quantised into ``bins`` levels."""
+    ta = _volume(a).float()
+    tb = _volume(b, ta.device).float()
+    if ta.shape != tb.shape:
+        raise ValueError(f"a and b must have one shape, got {tuple(ta.shape)} and {tuple(tb.shape)}.")
+    region = torch.ones_like(ta, dtype=torch.bool) if mask is None else _volume(mask, ta.device).bool()
+    va, vb = ta[region], tb[region]
+    if va.numel() == 0:
+        return float("nan")
+    joint = torch.bincount(_bin_indices(va, bins) * bins + _bin_indices(vb, bins), minlength=bins * bins)
+    p = joint.view(bins, bins).double() / va.numel()
+    h_a, h_b = _entropy(p.sum(1), (0,)), _entropy(p.sum(0), (0,))
+    return float(2.0 * (h_a + h_b - _entropy(p, (0, 1))) / (h_a + h_b)) if h_a + h_b > 0 else float("nan")
 
 
 def patchwise_mi_map(

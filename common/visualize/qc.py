@@ -81,6 +81,7 @@ def save_qc_figure(
     title: str = "",
     affine: NdarrayOrTensor | None = None,
     dpi: int = 100,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write one PNG: rows are the middle axial, coronal and sagittal slices; columns are fixed, moving (on the fixed
     grid), warped, a checkerboard of fixed and warped (each scaled to its 1-99 percentile window), and the Jacobian
@@ -94,6 +95,7 @@ def save_qc_figure(
         affine: voxel -> world (RAS) affine of the fixed grid; when given, the arrays are reoriented to RAS so that
             every view is upright whatever the file's voxel order. Without it the array axes are taken as R, A, S.
         dpi: resolution; the picture is 15 x 9 inches.
+        notes: lines printed under the views (e.g. the plausibility report); a line starting with ``"warning"`` is red.
 
     Returns:
         The path written.
@@ -138,7 +140,11 @@ def save_qc_figure(
                 ax.set_ylabel(view, fontsize=10)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    bottom = 0.03 * len(notes)
+    for i, note in enumerate(notes):
+        colour = "tab:red" if note.lower().startswith("warning") else "black"
+        fig.text(0.01, bottom - 0.03 * i - 0.02, note, fontsize=9, color=colour, va="bottom")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     out = Path(path)
     with atomic_write(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

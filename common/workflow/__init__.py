@@ -7,7 +7,13 @@ from .executors import RayExecutor, outputs_complete, pair_executor
 from .handlers import ImageWriter, MetricsWriter, PairOutputHandler, PairSummary, QCFigureWriter
 from .motion import MotionCorrector, region_mask
 from .pairs import LoadRegistrationPaird, build_pairs, bundle_component, bundle_root
-from .postprocessing import InverseOnMovingGridd, JacobianDeterminantd, RegistrationMetricsd, WarpMovingd
+from .postprocessing import (
+    InverseOnMovingGridd,
+    JacobianDeterminantd,
+    PlausibilityReportd,
+    RegistrationMetricsd,
+    WarpMovingd,
+)
 
 __all__ = [
     "ImageWriter",
@@ -18,6 +24,7 @@ __all__ = [
     "MotionCorrector",
     "PairOutputHandler",
     "PairSummary",
+    "PlausibilityReportd",
     "QCFigureWriter",
     "RayExecutor",
     "RegistrationEvaluator",

@@ -212,6 +212,8 @@ class RegistrationEvaluator(Evaluator):
         if "moving_mask" in masks:
             masks["moving_mask"] = resample_to_grid(masks["moving_mask"], a_moving, a_sample, shape)[None]
         output["mask_paths"] = {k: pair.get(f"{k}_path") for k in ("fixed_mask", "moving_mask")}
+        if "fixed_mask" in masks:
+            output["fixed_mask"] = masks["fixed_mask"][0]
         loaded = time.perf_counter()
         result = self.inferer(
             output["fixed"][None],

@@ -100,7 +100,20 @@ class QCFigureWriter(PairOutputHandler):
             folder / "qc.png",
             title=f"{self.title}: {Path(output['moving_path']).name} -> {Path(output['fixed_path']).name}",
             affine=output["fixed_affine"].numpy(),
+            notes=plausibility_notes(output.get("metrics", {}).get("plausibility")),
         )
+
+
+def plausibility_notes(report: dict[str, Any] | None) -> list[str]:
+    """The lines of a :class:`~common.workflow.PlausibilityReportd` report for the QC picture."""
+    if not report:
+        return []
+    det, shift, nmi = report["jacobian_percentiles"], report["displacement_mm_percentiles"], report["nmi"]
+    summary = (
+        f"NMI {nmi['before']:.3f} -> {nmi['after']:.3f};  det J 1/50/99 %: {det['p1']:.2f} / {det['p50']:.2f} / "
+        f"{det['p99']:.2f};  displacement 50/99 %: {shift['p50']:.1f} / {shift['p99']:.1f} mm  ({report['region']})"
+    )
+    return [summary] + [f"warning: {w}" for w in report["warnings"]]
 
 
 def peak_memory_mb(device: torch.device) -> float:

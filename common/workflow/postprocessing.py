@@ -20,10 +20,18 @@ from monai.transforms import MapTransform
 from monai.utils import ensure_tuple_rep
 
 from common.io import resample_to_grid
-from common.metrics import dice_per_label, hd95_per_label, mean_dict, ndv_percent, nonpositive_jacobian_percent, tre
+from common.metrics import (
+    dice_per_label,
+    hd95_per_label,
+    mean_dict,
+    ndv_percent,
+    nonpositive_jacobian_percent,
+    normalized_mutual_information,
+    tre,
+)
 from common.spatial import identity_grid, jacobian_determinant
 
-__all__ = ["InverseOnMovingGridd", "JacobianDeterminantd", "RegistrationMetricsd", "WarpMovingd"]
+__all__ = ["InverseOnMovingGridd", "JacobianDeterminantd", "PlausibilityReportd", "RegistrationMetricsd", "WarpMovingd"]
 
 
 class WarpMovingd(MapTransform):
@@ -156,4 +164,76 @@ class RegistrationMetricsd(MapTransform):
             metrics["tre_mm"] = {k: {"mean": float(v.mean()), "per_point": v.tolist()} for k, v in errors.items()}
         for key in self.keys:
             d[key] = {**d.get(key, {}), **metrics}
+        return d
+
+
+class PlausibilityReportd(MapTransform):
+    """Whether a result looks plausible, from what every run has (no labels needed), under ``metrics["plausibility"]``:
+    the percentiles (1, 5, 50, 95, 99) of the Jacobian determinant and of the displacement (mm) inside the fixed
+    image's foreground (the fixed mask when given, else voxels above ``foreground`` of its 99th percentile), the NMI
+    between the fixed image and the moving one before the deformable stage (``moving_on_fixed``) and after
+    (``warped``), and ``warnings``: the similarity fell, local volume changes beyond ``max_volume_change`` (either
+    way) at the 1st or 99th percentile, or a displacement of more than ``max_shift_mm`` at the 99th percentile for an
+    NMI gain under ``min_gain``.
+
+    Args:
+        foreground: fraction of the fixed image's 99th percentile above which a voxel is foreground.
+        max_volume_change: the det J ratio (and its inverse) beyond which local volume change is flagged.
+        max_shift_mm: the 99th-percentile displacement flagged when the similarity barely rose.
+        min_gain: the NMI gain below which a large displacement is unexplained.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "metrics",
+        foreground: float = 0.1,
+        max_volume_change: float = 4.0,
+        max_shift_mm: float = 10.0,
+        min_gain: float = 0.005,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        if not 0 <= foreground < 1 or max_volume_change <= 1 or max_shift_mm <= 0:
+            raise ValueError("need 0 <= foreground < 1, max_volume_change > 1 and max_shift_mm > 0.")
+        self.foreground, self.max_volume_change = foreground, max_volume_change
+        self.max_shift_mm, self.min_gain = max_shift_mm, min_gain
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        with torch.no_grad():
+            fixed = d["fixed"][0].float()
+            if "fixed_mask" in d:
+                inside = d["fixed_mask"][0] > 0
+            else:
+                inside = fixed > self.foreground * torch.quantile(fixed.flatten()[::7].cpu(), 0.99).to(fixed)
+            spacing = torch.as_tensor(d["spacing"], dtype=torch.float32, device=fixed.device).view(3, 1, 1, 1)
+            shift = (d["ddf"][0].float() * spacing).norm(dim=0)[inside]
+            det = d["jacobian"].float()[inside]
+            levels = torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99])
+            det_p, shift_p = (torch.quantile(x.cpu()[:: max(1, x.numel() // 500_000)], levels) for x in (det, shift))
+            nmi = {
+                when: normalized_mutual_information(fixed, d[key][0], mask=inside)
+                for when, key in (("before", "moving_on_fixed"), ("after", "warped"))
+            }
+        warnings = []
+        gain = nmi["after"] - nmi["before"]
+        if gain < -self.min_gain:
+            warnings.append(f"the similarity fell (NMI {nmi['before']:.3f} -> {nmi['after']:.3f})")
+        if det_p[0] < 1 / self.max_volume_change or det_p[-1] > self.max_volume_change:
+            warnings.append(
+                f"local volume changes beyond {self.max_volume_change:g}x (det J 1-99 %: {det_p[0]:.2f}-{det_p[-1]:.2f})"
+            )
+        if shift_p[-1] > self.max_shift_mm and gain < self.min_gain:
+            warnings.append(f"large displacements ({shift_p[-1]:.1f} mm at the 99th percentile) for no similarity gain")
+        names = ("p1", "p5", "p50", "p95", "p99")
+        report = {
+            "region": "fixed mask"
+            if "fixed_mask" in d
+            else f"fixed image above {self.foreground:g} of its 99th percentile",
+            "jacobian_percentiles": dict(zip(names, det_p.tolist())),
+            "displacement_mm_percentiles": dict(zip(names, shift_p.tolist())),
+            "nmi": nmi,
+            "warnings": warnings,
+        }
+        for key in self.keys:
+            d[key] = {**d.get(key, {}), "plausibility": report}
         return d
