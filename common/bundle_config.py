@@ -23,7 +23,15 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["BASES_DIR", "DELTA_SUFFIX", "built_configs", "format_config", "merged_config", "write_bundle_configs"]
+__all__ = [
+    "BASES_DIR",
+    "DELTA_SUFFIX",
+    "base_files",
+    "built_configs",
+    "format_config",
+    "merged_config",
+    "write_bundle_configs",
+]
 
 BASES_DIR = Path(__file__).resolve().parent / "configs"
 DELTA_SUFFIX = "_delta.json"
@@ -31,15 +39,20 @@ _BASES_KEY = "_bases_"
 _LINE = 116  # JSON arrays and objects that fit on one line of this width stay on one line
 
 
+def base_files(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> list[str]:
+    """The files a ``delta`` extends, in order: its ``_bases_``, each a name in ``bases_dir`` or, written ``./name``,
+    a ``name.base.json`` beside the delta (what several configs of one bundle share, such as its network sizes)."""
+    bases = json.loads(Path(delta).read_text()).get(_BASES_KEY)
+    if not isinstance(bases, list) or not bases:
+        raise ValueError(f"{delta}: '{_BASES_KEY}' must list the base configs it extends, e.g. [\"inference\"]")
+    own = Path(delta).parent
+    return [str(own / f"{n[2:]}.base.json" if n.startswith("./") else Path(bases_dir) / f"{n}.json") for n in bases]
+
+
 def merged_config(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> dict[str, Any]:
     """The full config of a bundle's ``delta`` file: its ``_bases_`` (names in ``bases_dir``) then the delta, merged
     as MONAI merges a list of config files."""
-    content = json.loads(Path(delta).read_text())
-    bases = content.get(_BASES_KEY)
-    if not isinstance(bases, list) or not bases:
-        raise ValueError(f"{delta}: '{_BASES_KEY}' must list the base configs it extends, e.g. [\"inference\"]")
-    files = [str(Path(bases_dir) / f"{name}.json") for name in bases] + [str(delta)]
-    merged = ConfigParser.load_config_files(files)
+    merged = ConfigParser.load_config_files(base_files(delta, bases_dir) + [str(delta)])
     merged.pop(_BASES_KEY)
     return merged
 

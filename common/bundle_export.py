@@ -36,7 +36,11 @@ def export_bundle(name: str, destination: str | Path) -> Path:
         for part in _PARTS:
             for path in sorted((root / part).rglob("*")):
                 # deltas build the configs inside this repository only; the zip carries the full configs
-                if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(DELTA_SUFFIX):
+                if (
+                    path.is_file()
+                    and "__pycache__" not in path.parts
+                    and not path.name.endswith((DELTA_SUFFIX, ".base.json"))
+                ):
                     archive.write(path, Path(name) / path.relative_to(root))
         license_file = root / "LICENSE" if (root / "LICENSE").is_file() else _LICENSE
         archive.write(license_file, Path(name) / "LICENSE")

@@ -162,7 +162,7 @@ def _tto_kd_values(output: Path, epochs: int, **extra: object) -> dict:
 def _tto_kd_network(weights: Path, channels: list[int]) -> torch.nn.Module:
     parser = ConfigParser()
     parser.read_config(str(TTO_KD / "train.json"))
-    parser["channels"] = channels
+    parser["network_def#channels"] = channels
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return net

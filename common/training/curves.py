@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -69,7 +70,8 @@ class TrainingCurve:
         output = engine.state.output
         value = output.get(self.loss_key) if isinstance(output, dict) else output
         if value is not None:
-            self._losses.append(float(value))
+            # MONAI's default training step returns the loss still attached to its graph
+            self._losses.append(float(value.detach()) if isinstance(value, torch.Tensor) else float(value))
 
     def _write(self, engine: Engine) -> None:
         if not self._loaded:  # here, after any checkpoint loader has restored the epoch counter
