@@ -221,3 +221,16 @@ def test_ci_runs_readme_test_command():
     assert os.access(ci, os.X_OK)
     assert command in ci.read_text()
     subprocess.run(["bash", "-n", str(ci)], check=True)
+
+
+def test_a_delta_without_bases_is_refused_and_a_local_base_is_read_beside_it(tmp_path):
+    from common.bundle_config import merged_config
+
+    delta = tmp_path / "inference_delta.json"
+    delta.write_text(json.dumps({"bundle_name": "x"}))
+    with pytest.raises(ValueError, match="_bases_"):
+        merged_config(delta)
+    (tmp_path / "sizes.base.json").write_text(json.dumps({"channels": [1, 2], "bundle_name": "base"}))
+    delta.write_text(json.dumps({"_bases_": ["inference", "./sizes"], "bundle_name": "x"}))
+    merged = merged_config(delta)
+    assert merged["channels"] == [1, 2] and merged["bundle_name"] == "x" and "evaluator" in merged
