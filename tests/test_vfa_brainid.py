@@ -255,3 +255,20 @@ def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_i
         missing.initialize()
         missing.run()
     assert "train them with the bundle's training config" in str(input_error_cause(error.value))
+
+
+def test_weights_that_do_not_fit_get_a_clear_error_and_extra_heads_are_left_out(tmp_path):
+    """A file of another network (or another size) is refused naming what is missing or reshaped; a Brain-ID-style
+    checkpoint with one more head than our synthesizer loads, the extra tensors left out."""
+    from common.networks import load_weights
+
+    torch.save(BrainIDSynthesizer(f_maps=4, levels=3).state_dict(), tmp_path / "brainid.pt")
+    with pytest.raises(RegistrationInputError, match=r"does not fit VFA: 103 of its 103 tensors missing"):
+        load_weights(VFA(), str(tmp_path / "brainid.pt"))
+    with pytest.raises(RegistrationInputError, match=r"of another shape .* in the file"):
+        load_weights(BrainIDSynthesizer(f_maps=8, levels=3), str(tmp_path / "brainid.pt"))
+    source = BrainIDSynthesizer(f_maps=4, levels=3)
+    state = {**source.state_dict(), "head.final_conv_seg.weight": torch.zeros(3, 4, 1, 1, 1)}
+    torch.save({"model": state, "args": argparse.Namespace(f_maps=4)}, tmp_path / "official_style.pth")
+    loaded = load_weights(BrainIDSynthesizer(f_maps=4, levels=3), str(tmp_path / "official_style.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,10 +14,18 @@ from common.io.errors import input_error
 
 __all__ = ["checkpoint_state_dict", "frozen", "load_weights"]
 
+logger = logging.getLogger(__name__)
+
 
 def load_weights(module: nn.Module, weights: str | None = None) -> nn.Module:
-    """``module`` with the state dict at ``weights`` loaded strictly (on the CPU; move the module afterwards);
-    unchanged when ``weights`` is empty or None."""
+    """``module`` with the state dict at ``weights`` loaded (on the CPU; move the module afterwards); unchanged when
+    ``weights`` is empty or None. Every tensor of the module must be in the file with its shape; tensors of the file
+    the module lacks (another head of the same checkpoint, as in Brain-ID's) are left out, with a log line.
+
+    Raises:
+        RegistrationInputError: naming the file, when it is missing, unreadable, or does not fit the module (which
+            keys are missing or of another shape: the wrong file, or other size settings).
+    """
     if weights and not Path(weights).is_file():
         raise input_error(
             "network weights",
@@ -24,8 +33,33 @@ def load_weights(module: nn.Module, weights: str | None = None) -> nn.Module:
             "file not found: train them with the bundle's training config (see its docs/README.md), "
             "or pass the path of a trained file",
         )
-    if weights:
-        module.load_state_dict(checkpoint_state_dict(weights))
+    if not weights:
+        return module
+    state, own = checkpoint_state_dict(weights), module.state_dict()
+    missing = [k for k in own if k not in state]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of its {len(own)} tensors missing (e.g. {missing[0]})")
+        if reshaped:
+            k = reshaped[0]
+            problems.append(
+                f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                f"{tuple(own[k].shape)} in the network)"
+            )
+        raise input_error(
+            "network weights",
+            weights,
+            f"does not fit {type(module).__name__}: {'; '.join(problems)}. Is it the right file, and do the network's "
+            "size settings match it?",
+        )
+    extra = [k for k in state if k not in own]
+    if extra:
+        logger.info(
+            f"network weights '{weights}': {len(extra)} tensors the network does not use left out ({extra[0]}, ...)"
+        )
+    module.load_state_dict({k: state[k] for k in own})
     return module
 
 
