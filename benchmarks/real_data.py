@@ -9,8 +9,14 @@ Two datasets:
     real_identity  the same acquisitions without any deformation: the answer is the identity, so every change a
                    method makes (Dice below the unregistered 1.0, volume change) is its error.
 
+One case, ``t2_lesion``, is the T2 template with a real stroke lesion in it, present in the moving image only: the
+lesion mask drawn on a patient's T2 scan (``clinical/``), placed into the template's space by matching the patient's
+head to the atlas's brain (centre and spread along each axis), and filled with the patient's own lesion contrast (its
+T2 intensity relative to the tissue around the lesion), so that the fixed T1 template has nothing that corresponds.
+
 The moving label map is the atlas carried by the same deformation; the deformation itself is kept beside the pair
-(``known_field_mm.nii.gz``: the moving image at world point ``w`` shows the anatomy at ``w + u(w)``, mm, RAS).
+(``known_field_mm.nii.gz``: the moving image at world point ``w`` shows the anatomy at ``w + u(w)``, mm, RAS), and
+:func:`true_fixed_to_moving` turns it into the answer a registration should give.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ __all__ = [
     "NEUROMORPHOMETRICS_GROUPS",
     "REAL_CASES",
     "acquire",
+    "field_error_mm",
+    "implant_lesion",
     "known_field",
     "real_pair_files",
+    "true_fixed_to_moving",
     "world_grid",
     "world_to_voxel",
 ]
@@ -42,7 +51,10 @@ REAL_CASES: dict[str, tuple[Path, str]] = {
     "pd": (SPM / "canonical_avg152PD.nii.gz", "atlas"),
     "flair": (Path("clinical") / "GG-366-FLAIR-2.0mm-8mmFWHM.nii.gz", "atlas"),
     "ct": (Path("clinical") / "scct_stripped.nii.gz", "template"),
+    "t2_lesion": (SPM / "canonical_avg152T2.nii.gz", "template"),
 }
+PATIENT_T2 = Path("clinical") / "T2.nii.gz"
+PATIENT_LESION = Path("clinical") / "lesionT2.nii.gz"
 # Neuromorphometrics label values (the atlas's own xml) grouped like the rendered sets' FreeSurfer structures; every
 # value from 100 up is a cortical region
 NEUROMORPHOMETRICS_GROUPS: dict[str, tuple[int, ...]] = {
@@ -93,6 +105,58 @@ def world_grid(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.tensordot(affine[:3, :3], voxels, axes=1) + affine[:3, 3].reshape(3, 1, 1, 1)
 
 
+def _mask_moments(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and standard deviation along each world axis (mm) of a mask's voxels."""
+    world = np.tensordot(affine[:3, :3], np.argwhere(mask).T.astype(np.float64), axes=1) + affine[:3, 3, None]
+    return world.mean(axis=1), world.std(axis=1)
+
+
+def implant_lesion(template: nib.Nifti1Image, data_dir: Path) -> np.ndarray:
+    """The ``template`` image (a T2 contrast) with the patient's stroke lesion in it: the lesion's world position is
+    mapped from the patient's head (voxels above 10 % of the 99th percentile) to the atlas's brain by matching their
+    centres and spreads per axis, and inside the (linearly resampled, soft) mask the template is multiplied by the
+    patient's lesion contrast: its T2 intensity over the median of the tissue 2 to 6 mm around the lesion."""
+    from scipy.ndimage import binary_dilation
+
+    patient, lesion = nib.load(str(data_dir / PATIENT_T2)), nib.load(str(data_dir / PATIENT_LESION))
+    scan = np.asanyarray(patient.dataobj).astype(np.float32)
+    mask = np.asanyarray(lesion.dataobj) > 0.5
+    head = scan > 0.1 * np.percentile(scan, 99)
+    ring = binary_dilation(mask, iterations=6) & ~binary_dilation(mask, iterations=2) & head
+    contrast = np.where(mask, scan / np.median(scan[ring]), 1.0)
+    atlas = nib.load(str(data_dir / ATLAS))
+    patient_centre, patient_spread = _mask_moments(head, patient.affine)
+    atlas_centre, atlas_spread = _mask_moments(np.asanyarray(atlas.dataobj) > 0, atlas.affine)
+    world = world_grid(template.affine, template.shape[:3])
+    in_patient = (world - atlas_centre[:, None, None, None]) * (patient_spread / atlas_spread)[:, None, None, None]
+    at = world_to_voxel(patient.affine, in_patient + patient_centre[:, None, None, None])
+    soft = map_coordinates(mask.astype(np.float32), at, order=1, cval=0)
+    ratio = map_coordinates(contrast.astype(np.float32), at, order=1, cval=1)
+    image = np.asanyarray(template.dataobj).astype(np.float32)
+    return image * (1 + soft * (ratio - 1))
+
+
+def true_fixed_to_moving(field_path: Path, affine: np.ndarray, shape: tuple[int, ...], steps: int = 20) -> np.ndarray:
+    """Where each voxel of the grid ``affine``, ``shape`` should land in the moving image (``[3, *shape]``, RAS mm):
+    the inverse of the known deformation, ``y`` with ``y + u(y) = x``, by fixed-point iteration (the field is smooth
+    and small, so it converges in a few steps)."""
+    field = nib.load(str(field_path))
+    u = np.moveaxis(np.asarray(field.dataobj, dtype=np.float64), -1, 0)
+    world = world_grid(affine, shape)
+    displacement = np.zeros_like(world)
+    for _ in range(steps):
+        at = world_to_voxel(field.affine, world + displacement)
+        displacement = -np.stack([map_coordinates(c, at, order=1, mode="nearest") for c in u])
+    return world + displacement
+
+
+def field_error_mm(points: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Mean and 95th percentile (mm) inside ``mask`` of the distance between where a registration sends each fixed
+    voxel (``points``, ``[3, *shape]`` RAS mm) and where it should (``truth``)."""
+    error = np.linalg.norm(points - truth, axis=0)[mask]
+    return float(error.mean()), float(np.percentile(error, 95))
+
+
 def real_pair_files(data_dir: Path, folder: Path, case: str, seed: int, deformed: bool) -> dict[str, Path]:
     """Write (once) the fixed T1 template and its atlas labels, and the ``case`` template moved by a known field
     (``deformed``; else the identity) and acquired differently, with the atlas carried along, into ``folder``."""
@@ -108,9 +172,8 @@ def real_pair_files(data_dir: Path, folder: Path, case: str, seed: int, deformed
     rng = np.random.default_rng([seed, list(REAL_CASES).index(case), int(deformed)])
     field = known_field(shape, rng) if deformed else np.zeros((3, *shape))
     moved = world_grid(affine, shape) + field
-    image = map_coordinates(
-        np.asanyarray(source.dataobj).astype(np.float32), world_to_voxel(source.affine, moved), order=1, cval=0
-    )
+    original = implant_lesion(source, data_dir) if case == "t2_lesion" else np.asanyarray(source.dataobj)
+    image = map_coordinates(original.astype(np.float32), world_to_voxel(source.affine, moved), order=1, cval=0)
     labels = np.rint(np.asanyarray(atlas.dataobj)).astype(np.int16)
     moving_label = map_coordinates(labels, world_to_voxel(atlas.affine, moved), order=0, cval=0)
     fixed_grid = world_to_voxel(atlas.affine, world_grid(fixed.affine, fixed.shape[:3]))

@@ -13,9 +13,10 @@ Datasets:
     heldout_t2_moved  the heldout_t2 pairs with the moving scan moved in world space by a random affine map about its
                  centre (rotation up to 10 degrees about each axis, translation up to 10 mm, scaling up to 10 %,
                  shear up to 0.05; seeded per pair): what an affine stage must undo;
-    real_known   real contrasts (the SPM12 T2 and PD, the FLAIR and CT templates) moved by a known smooth deformation
-                 and acquired unlike the fixed SPM12 T1 template (thick slices, bias, noise, some on another voxel
-                 size), labelled by the Neuromorphometrics atlas carried along (``benchmarks/real_data.py``);
+    real_known   real contrasts (the SPM12 T2 and PD, the FLAIR and CT templates, and the T2 template with a real
+                 patient's stroke lesion) moved by a known smooth deformation and acquired unlike the fixed SPM12 T1
+                 template (thick slices, bias, noise, some on another voxel size), labelled by the Neuromorphometrics
+                 atlas carried along (``benchmarks/real_data.py``);
     real_identity  the same acquisitions without deformation: the identity is the answer;
     tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training
                  maps), at 2 mm: where hyperparameters are chosen, so that the held-out sets stay untouched;
@@ -30,7 +31,9 @@ peak memory. Metrics are computed here from each method's warped moving image, l
 fixed grid: Dice over the anatomical structures present in both label maps (mean and per structure group), HD95
 (mean over structures), % of voxels with a non-positive Jacobian determinant, and PMM (the mean patch-wise normalised
 mutual information between the fixed and the warped moving image, ``common.metrics.patchwise_mi_map``, over the 16^3
-patches centred in the fixed brain). Writes into the output folder
+patches centred in the fixed brain); on the real sets, whose answer is known, also the field error: the distance (mm,
+mean and 95th percentile inside the fixed brain) between where the method's transform (``ddf.nii.gz`` after
+``affine.mat``) sends each fixed voxel and where the known deformation says it should. Writes into the output folder
 ``results.csv`` and ``results.json`` (every pair), ``table.md`` (means per dataset and method, also printed) and
 ``dice.png``; rendered pairs are cached as NIfTI under ``cache/`` so that every method reads the same files.
 """
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import subprocess
@@ -67,7 +71,15 @@ from benchmarks.make_sample import (
     save_nifti,
 )
 from benchmarks.peers import METHODS, PEERS, thread_env
-from benchmarks.real_data import NEUROMORPHOMETRICS_GROUPS, REAL_CASES, real_pair_files
+from benchmarks.real_data import (
+    NEUROMORPHOMETRICS_GROUPS,
+    REAL_CASES,
+    field_error_mm,
+    real_pair_files,
+    true_fixed_to_moving,
+    world_grid,
+)
+from common.io import compose_fixed_to_moving
 from common.metrics import (
     dice_per_label,
     hd95_per_label,
@@ -122,6 +134,7 @@ class Pair:
     fixed_label: Path
     moving_label: Path
     groups: dict[str, tuple[int, ...]]
+    known_field: Path | None = None
 
 
 def pair_files(folder: Path) -> dict[str, Path]:
@@ -262,12 +275,30 @@ def score(
     return row
 
 
+@functools.lru_cache(maxsize=4)
+def _truth(field: Path, fixed: Path) -> np.ndarray:
+    image = nib.load(str(fixed))
+    return true_fixed_to_moving(field, image.affine, image.shape[:3])
+
+
+def field_error(pair: Pair, points: np.ndarray) -> dict[str, float]:
+    """Mean and 95th percentile (mm) inside the fixed brain of the distance between where a result sends each fixed
+    voxel (``points``, ``[3, X, Y, Z]`` RAS mm) and where the pair's known deformation says it should; empty for
+    pairs without one."""
+    if pair.known_field is None:
+        return {}
+    mask = np.asarray(load_label_map(pair.fixed_label).dataobj) > 0
+    mean, p95 = field_error_mm(points, _truth(pair.known_field, pair.fixed), mask)
+    return {"field_error_mm": mean, "field_error_p95_mm": p95}
+
+
 def before_registration(pair: Pair) -> dict[str, object]:
     """Scores of the moving image and label map brought onto the fixed grid through the headers only."""
     fixed, fixed_label = nib.load(str(pair.fixed)), load_label_map(pair.fixed_label)
     moving_label = resample_from_to(load_label_map(pair.moving_label), fixed_label, order=0)
     moving = resample_from_to(nib.load(str(pair.moving)), fixed, order=1).get_fdata(dtype=np.float32)
-    return score(pair, np.asarray(moving_label.dataobj).astype(np.int32), None, moving)
+    row = score(pair, np.asarray(moving_label.dataobj).astype(np.int32), None, moving)
+    return {**row, **field_error(pair, world_grid(fixed.affine, fixed.shape[:3]))}
 
 
 def on_fixed_grid(path: Path, fixed: nib.Nifti1Image) -> np.ndarray:
@@ -329,6 +360,12 @@ def score_outputs(pair: Pair, out_dir: Path) -> dict[str, object]:
     except (OSError, ValueError, KeyError) as error:  # missing or malformed outputs: report, go on with the rest
         return {"status": f"bad output: {error}"}
     row = score(pair, warped_label, jacobian, warped)
+    ddf, affine = out_dir / "ddf.nii.gz", out_dir / "affine.mat"
+    if pair.known_field is not None and ddf.is_file():
+        points, grid = compose_fixed_to_moving(ddf, affine if affine.is_file() else None)
+        if not np.allclose(grid, fixed.affine, atol=1e-3):
+            return {"status": f"bad output: {ddf} is not on the fixed image's grid"}
+        row.update(field_error(pair, points))
     row.update(status="ok", time_s=report["wall_s"], memory_mb=report["peak_rss_mb"])
     return row
 
@@ -356,7 +393,6 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
             for case in list(REAL_CASES)[:count]:
                 folder = cache / dataset / f"seed{seed}" / f"{case}_to_t1"
                 files = real_pair_files(data_dir, folder, case, seed, deformed=dataset == "real_known")
-                files.pop("known_field")
                 pairs.append(Pair(dataset, f"{case}_to_t1", groups=NEUROMORPHOMETRICS_GROUPS, **files))
     return pairs
 
@@ -371,6 +407,8 @@ def summarise(rows: list[dict[str, object]], datasets: list[str], methods: list[
     """Markdown table: one row per (dataset, method), means over that dataset's pairs (std of Dice after ±)."""
     columns = [(f"dice_{g}", title, 3) for g, title in GROUP_TITLES.items()]
     columns += [("hd95", "HD95 (mm)", 2), ("nonpositive_jacobian_pct", "% det J <= 0", 3), ("pmm", "PMM", 3)]
+    if any("field_error_mm" in r for r in rows):
+        columns += [("field_error_mm", "field error (mm)", 2), ("field_error_p95_mm", "p95 (mm)", 2)]
     columns += [("time_s", "time (s)", 1), ("memory_mb", "memory (MB)", 0)]
     header = ["dataset", "method", "pairs ok", "Dice"] + [title for _, title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -16,6 +16,8 @@ from common.io import (
     atomic_write,
     check_device_memory,
     check_overlap,
+    compose_fixed_to_moving,
+    load_affine_itk,
     load_image,
     load_label,
     load_landmarks,
@@ -126,6 +128,37 @@ def test_itk_translation_field_shifts_moving(tmp_path):
     np.testing.assert_allclose(itk_warp(path, path, tmp_path / "ddf.nii.gz"), expected, atol=1e-4)
     ours = resample_to_grid(torch.from_numpy(image)[None], FIXED_AFFINE, FIXED_AFFINE, FIXED_SHAPE, ddf=ddf)
     np.testing.assert_allclose(ours[0].numpy(), expected, atol=1e-4)
+
+
+def test_transforms_read_back_as_itk_maps_points(tmp_path):
+    """An affine written by ITK itself (a centre of rotation, as ANTs writes) and a field written by us read back as the
+    point maps ITK applies, in RAS: ``compose_fixed_to_moving`` gives ``A (x + u(x))`` (antsApplyTransforms' order)."""
+    transform = itk.AffineTransform[itk.D, 3].New()
+    matrix = np.array([[1.05, 0.1, 0.0], [-0.08, 0.95, 0.02], [0.01, 0.0, 1.1]])
+    transform.SetMatrix(itk.matrix_from_array(matrix))
+    transform.SetCenter([10.0, -20.0, 5.0])
+    transform.SetTranslation([3.0, -4.0, 7.5])
+    itk.transformwrite([transform], str(tmp_path / "affine.mat"))
+    ras = load_affine_itk(tmp_path / "affine.mat")
+    point_ras = np.array([12.0, 30.0, -8.0])
+    moved_lps = np.asarray(transform.TransformPoint([-12.0, -30.0, -8.0]))
+    np.testing.assert_allclose((ras @ np.append(point_ras, 1))[:3] * [-1, -1, 1], moved_lps, atol=1e-9)
+
+    ddf = smooth_field(FIXED_SHAPE)
+    save_ddf_itk(ddf, FIXED_AFFINE, tmp_path / "ddf.nii.gz")
+    points, grid = compose_fixed_to_moving(tmp_path / "ddf.nii.gz", tmp_path / "affine.mat")
+    np.testing.assert_allclose(grid, FIXED_AFFINE, atol=1e-6)
+    voxel = (3, 5, 2)
+    field = itk.imread(str(tmp_path / "ddf.nii.gz"), itk.Vector[itk.F, 3])
+    on_grid = field.TransformIndexToPhysicalPoint([int(v) for v in voxel])
+    by_field = np.asarray(on_grid) + np.asarray(field.GetPixel([int(v) for v in voxel]))
+    expected_lps = np.asarray(transform.TransformPoint([float(v) for v in by_field]))
+    np.testing.assert_allclose(points[(slice(None), *voxel)] * [-1, -1, 1], expected_lps, atol=1e-4)
+    with pytest.raises(RegistrationInputError, match="AffineTransform"):
+        from scipy.io import savemat
+
+        savemat(tmp_path / "other.mat", {"something": np.zeros(3)}, format="4")
+        load_affine_itk(tmp_path / "other.mat")
 
 
 def test_resample_through_headers_only(tmp_path):

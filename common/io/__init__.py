@@ -13,6 +13,7 @@ from .image import (
 )
 from .landmarks import load_landmarks
 from .resample import resample_to_grid
+from .transforms import compose_fixed_to_moving, load_affine_itk, load_ddf_itk
 from .writers import atomic_write, save_affine_itk, save_csv, save_ddf_itk, save_image, save_json, save_series
 
 __all__ = [
@@ -22,7 +23,10 @@ __all__ = [
     "available_memory_bytes",
     "check_device_memory",
     "check_overlap",
+    "compose_fixed_to_moving",
     "input_error",
+    "load_affine_itk",
+    "load_ddf_itk",
     "load_image",
     "load_label",
     "load_landmarks",
