@@ -119,16 +119,17 @@ def run_convexadam(args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def run_bundle(args: argparse.Namespace, bundle: str, **overrides: object) -> float:
-    """One of the collection's bundles through ``monai.bundle.ConfigWorkflow`` with config ``overrides``; it writes its
-    outputs itself."""
+def run_bundle(args: argparse.Namespace, bundle: str, preset: str = "", **overrides: object) -> float:
+    """One of the collection's bundles through ``monai.bundle.ConfigWorkflow`` with config ``overrides`` (after the
+    ``preset`` override file, when given); it writes its outputs itself."""
     import torch
     from monai.bundle import ConfigWorkflow
 
     torch.manual_seed(0)  # networks built while parsing the config (an untrained descriptor) are then reproducible
     start = time.perf_counter()
+    configs = REPO_ROOT / "bundles" / bundle / "configs"
     workflow = ConfigWorkflow(
-        config_file=str(REPO_ROOT / "bundles" / bundle / "configs" / "inference.json"),
+        config_file=[str(configs / "inference.json")] + ([str(configs / f"{preset}.json")] if preset else []),
         workflow_type="infer",
         fixed=str(args.fixed),
         moving=str(args.moving),
@@ -170,6 +171,11 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "node_contrastive_untrained": lambda args: run_bundle(
         args, "node_contrastive", **{"descriptor_weights": "", **args.overrides}
     ),
+    # the Neural ODE bundles with their preset for scans of one subject
+    **{
+        f"{bundle}_longitudinal": lambda args, bundle=bundle: run_bundle(args, bundle, "longitudinal", **args.overrides)
+        for bundle in ("node_mind", "node_lmi", "node_contrastive")
+    },
     # tto_kd as released (the student fine-tuned on the pair), and its two networks alone, without test-time steps
     "tto_kd": lambda args: run_bundle(args, "tto_kd", **args.overrides),
     "tto_kd_student": lambda args: run_bundle(args, "tto_kd", **{"inferer#iterations": 0, **args.overrides}),

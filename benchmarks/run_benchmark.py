@@ -13,10 +13,10 @@ Datasets:
     heldout_t2_moved  the heldout_t2 pairs with the moving scan moved in world space by a random affine map about its
                  centre (rotation up to 10 degrees about each axis, translation up to 10 mm, scaling up to 10 %,
                  shear up to 0.05; seeded per pair): what an affine stage must undo;
-    real_known   real contrasts (the SPM12 T2 and PD, the FLAIR and CT templates, and the T2 template with a real
-                 patient's stroke lesion) moved by a known smooth deformation and acquired unlike the fixed SPM12 T1
-                 template (thick slices, bias, noise, some on another voxel size), labelled by the Neuromorphometrics
-                 atlas carried along (``benchmarks/real_data.py``);
+    real_known   real contrasts of one anatomy (the SPM12 T2 and PD templates, and the T2 template with a real patient's
+                 stroke lesion) moved by a known smooth deformation and acquired unlike the fixed SPM12 T1 template
+                 (thick slices, bias, noise, one on another voxel size), labelled by the Neuromorphometrics atlas
+                 carried along (``benchmarks/real_data.py``);
     real_identity  the same acquisitions without deformation: the identity is the answer;
     tuning_t2, tuning_flair, tuning_pd  the same renderings of pairs of the other twelve label maps (the training
                  maps), at 2 mm: where hyperparameters are chosen, so that the held-out sets stay untouched;
@@ -33,7 +33,9 @@ fixed grid: Dice over the anatomical structures present in both label maps (mean
 mutual information between the fixed and the warped moving image, ``common.metrics.patchwise_mi_map``, over the 16^3
 patches centred in the fixed brain); on the real sets, whose answer is known, also the field error: the distance (mm,
 mean and 95th percentile inside the fixed brain) between where the method's transform (``ddf.nii.gz`` after
-``affine.mat``) sends each fixed voxel and where the known deformation says it should. Writes into the output folder
+``affine.mat``) sends each fixed voxel and where the known deformation says it should, and the 1st and 99th
+percentiles of the Jacobian determinant inside the fixed brain (volume change that two scans of one brain do not
+have). Writes into the output folder
 ``results.csv`` and ``results.json`` (every pair), ``table.md`` (means per dataset and method, also printed) and
 ``dice.png``; rendered pairs are cached as NIfTI under ``cache/`` so that every method reads the same files.
 """
@@ -266,6 +268,11 @@ def score(
         row[f"dice_{group}"] = float(np.mean(values)) if values else math.nan
     row["hd95"] = float(np.nanmean(list(hd95.values())))
     row["nonpositive_jacobian_pct"] = math.nan if jacobian is None else nonpositive_jacobian_percent(jacobian)
+    # volume change inside the brain: between two scans of one brain, anything far from 1 is an error
+    brain = np.asarray(fixed.dataobj) > 0
+    row["jacobian_p1"], row["jacobian_p99"] = (
+        (math.nan, math.nan) if jacobian is None else (float(q) for q in np.percentile(jacobian[brain], [1, 99]))
+    )
     # the paper's PMM: 16^3 patches at a stride of 4 voxels, averaged over the patches centred in the fixed brain
     row["pmm"] = math.nan
     if warped is not None:
@@ -409,6 +416,7 @@ def summarise(rows: list[dict[str, object]], datasets: list[str], methods: list[
     columns += [("hd95", "HD95 (mm)", 2), ("nonpositive_jacobian_pct", "% det J <= 0", 3), ("pmm", "PMM", 3)]
     if any("field_error_mm" in r for r in rows):
         columns += [("field_error_mm", "field error (mm)", 2), ("field_error_p95_mm", "p95 (mm)", 2)]
+        columns += [("jacobian_p1", "det J p1", 2), ("jacobian_p99", "det J p99", 2)]
     columns += [("time_s", "time (s)", 1), ("memory_mb", "memory (MB)", 0)]
     header = ["dataset", "method", "pairs ok", "Dice"] + [title for _, title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -9,8 +9,9 @@ held-out split, trainer, validation, checkpoints that resume). A bundle's ``conf
 bases under ``_bases_`` and holds only what is its own; the merge is MONAI's own for a list of config files
 (``--config_file "[base, ..., delta]"`` gives the same content): a later file replaces a top-level key, and an
 ``a#b`` key replaces one nested value. The result is written as the bundle's ``configs/<name>.json``, so that a
-bundle runs, and exports to the model zoo, as self-contained files. ``logging.conf`` (every bundle) and
-``multi_gpu_train.json`` (bundles that train) are the same for all bundles and are copied as they are.
+bundle runs, and exports to the model zoo, as self-contained files. ``logging.conf`` (every bundle),
+``multi_gpu_train.json`` (bundles that train) and the ``longitudinal.json`` preset (bundles of the Neural ODE
+instance optimisation) are the same for all bundles and are copied as they are.
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def built_configs(bundle: str | Path, bases_dir: str | Path = BASES_DIR) -> dict
         for delta in sorted(configs.glob(f"*{DELTA_SUFFIX}"))
     }
     trains = any(path.name.startswith("train") for path in built)
+    bases = {Path(base).name for delta in configs.glob(f"*{DELTA_SUFFIX}") for base in base_files(delta, bases_dir)}
+    neural_ode = "neural_ode_inference.json" in bases
     shared = ["logging.conf"] + (["multi_gpu_train.json"] if trains else [])
+    shared += ["longitudinal.json"] if neural_ode else []
     built.update({configs / name: (Path(bases_dir) / name).read_text() for name in shared})
     return built
 

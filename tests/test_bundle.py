@@ -382,6 +382,8 @@ def test_cli_switches_switch(pair, tmp_path):
         (["--save_qc", "maybe"], "a switch is true or false"),
         (["--inferer#learning_rate", "fast"], "a number is expected"),
         (["--inferer#iterations", "many"], "a list is expected"),
+        (["--preset", "longitudinal"], "a preset is an override file"),
+        (["--preset", "atlas"], "no such preset"),
     ],
 )
 def test_cli_rejects_unknown_or_mistyped_settings_before_running(args, message, tmp_path):

@@ -56,6 +56,21 @@ def test_each_built_config_is_its_bases_and_delta_merged():
                 assert built.get(key) == listed.get(key), f"{delta}: {key}"
 
 
+@pytest.mark.parametrize("bundle", ["node_mind", "node_lmi", "node_contrastive"])
+def test_the_longitudinal_preset_changes_existing_settings_of_each_neural_ode_bundle(bundle):
+    """Every key of ``configs/longitudinal.json`` names a setting the bundle's inference config has (a mistyped key
+    would add an unused setting and change nothing), and the merged config builds a rigid-only affine stage."""
+    preset = json.loads((_configs(bundle) / "longitudinal.json").read_text())
+    plain = ConfigParser()
+    plain.read_config(str(_configs(bundle) / "inference.json"))
+    assert preset and all(key in plain for key in preset), [key for key in preset if key not in plain]
+    merged = ConfigParser()
+    merged.read_config([str(_configs(bundle) / "inference.json"), str(_configs(bundle) / "longitudinal.json")])
+    assert merged.get_parsed_content("affine_stage").stages == ("rigid",)
+    for key, value in preset.items():
+        assert merged.get(key) == value != plain.get(key)
+
+
 def _requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return {req.name.lower(): req for req in map(Requirement, project["dependencies"])}

@@ -273,3 +273,38 @@ def test_the_inverse_undoes_the_registration():
     residual = (inverse + warp(ddf, inverse)).norm(dim=1)[0]  # y + w(y) + u(y + w(y)) - y
     inside = residual[labels > 0]
     assert inside.mean() < 0.1 and torch.quantile(inside, 0.95) < 0.3, (inside.mean(), torch.quantile(inside, 0.95))
+
+
+def _head(shape: tuple[int, int, int], brain_only: bool = False) -> torch.Tensor:
+    """A head phantom ``[1, X, Y, Z]``: textured brain labels inside a bright scalp shell (none when ``brain_only``)."""
+    labels = phantom_labels(shape)
+    image = render_contrast(labels.numpy(), "t1", seed=0)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = grid.square().sum(0).sqrt()
+    scalp = (radius > 0.9) & (radius < 1.0) & (labels == 0)
+    head = torch.as_tensor(image) + 0.8 * scalp
+    return (torch.as_tensor(image) if brain_only else head)[None].float()
+
+
+def test_the_affine_stage_leaves_a_skull_stripped_brain_within_its_head_and_refuses_implausible_scaling():
+    """``auto``: a skull-stripped copy of a head (half its volume, wholly inside it) is aligned although their Dice is
+    low, so the stage does not run. With ``max_scale``, a result scaling a direction by more than the bound gives way to
+    the rigid stage's map (a copy scaled by 12 %, bound 1.05: the map kept scales by at most 1 %)."""
+    from common.engine import AffineRegistration
+
+    shape, eye = (40, 44, 40), torch.eye(4, dtype=torch.float64) * 2
+    eye[3, 3] = 1
+    head, brain = _head(shape), _head(shape, brain_only=True)
+    skipped = AffineRegistration(iterations=(20, 10))(head, brain, eye, eye)
+    assert not skipped.ran and "skull-stripped" in skipped.reason and skipped.overlap < 0.9
+
+    scaled = eye.clone()
+    scaled[:3, :3] *= 1.12
+    scaled[:3, 3] = -0.12 * 2 * (torch.tensor(shape, dtype=torch.float64) - 1) / 2
+    free = AffineRegistration(mode="true", iterations=(40, 20))(head, head, eye, scaled)
+    bounded = AffineRegistration(mode="true", iterations=(40, 20), max_scale=1.05)(head, head, eye, scaled)
+    free_scales = torch.linalg.svdvals(free.matrix[:3, :3])
+    assert free_scales.max() > 1.06, free.matrix
+    assert "implausible" in bounded.reason and torch.linalg.svdvals(bounded.matrix[:3, :3]).max() < 1.01
+    with pytest.raises(ValueError, match="max_scale"):
+        AffineRegistration(max_scale=0.9)

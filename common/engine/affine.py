@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 _MODES = ("auto", "true", "false")
 _FOREGROUND = 0.1  # normalised intensity above which a voxel belongs to the head, for the overlap measure
 _OVERLAP_MM = 2.0  # the overlap measure's voxel size: fine enough for a small field of view, whatever the levels
+# a head at most this fraction of the other's volume is taken for skull-stripped or cropped
+_STRIPPED_VOLUME = 0.75
 
 
 @dataclass
@@ -77,14 +79,19 @@ class AffineRegistration:
 
     Args:
         mode: ``"true"`` always runs the stage, ``"false"`` never, ``"auto"`` when the heads overlap through the headers
-            by a Dice below ``overlap_threshold`` (pre-aligned pairs are left as they are).
+            by a Dice below ``overlap_threshold`` (pre-aligned pairs, and a skull-stripped image within a head, are left
+            as they are).
         stages: ``("rigid", "affine")``, or ``("rigid",)`` for scans of one subject.
         levels_mm: the working voxel sizes (mm), coarse to fine; never finer than the fixed image.
         iterations: Adam steps per level and stage.
         learning_rate: Adam's step at the coarsest level: radians for rotations, mm / 100 for translations (so that one
             rate suits both), and the same for the linear part's entries; halved at each finer level.
         num_bins: histogram bins of the mutual information.
-        overlap_threshold: ``auto`` runs the stage below this Dice of the two heads.
+        overlap_threshold: ``auto`` runs the stage below this Dice of the two heads, unless the smaller head, at most
+            3/4 of the other's volume (a skull-stripped or cropped image), lies at least this share inside the other.
+        max_scale: the affine stage's result is dropped for the rigid one when it scales any direction by more than
+            this factor or less than its inverse (two brains rarely differ so much; outlines of different extents do);
+            None keeps any scaling.
         normalize: intensity transform of each image; None: the 0.5 and 99.5 percentiles mapped to 0 and 1, clipped.
     """
 
@@ -97,6 +104,7 @@ class AffineRegistration:
         learning_rate: float = 0.02,
         num_bins: int = 32,
         overlap_threshold: float = 0.9,
+        max_scale: float | None = 1.33,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         mode = str(mode).strip().lower()  # a bool (Python API) reads as "true"/"false" too
@@ -108,7 +116,10 @@ class AffineRegistration:
             raise ValueError(f"one iteration count per positive level: levels_mm {levels_mm}, iterations {iterations}.")
         self.mode, self.stages = mode, tuple(stages)
         self.levels_mm, self.iterations = [float(v) for v in levels_mm], [int(n) for n in iterations]
+        if max_scale is not None and max_scale <= 1:
+            raise ValueError(f"max_scale bounds the scaling from both sides and must exceed 1, got {max_scale}.")
         self.learning_rate, self.num_bins, self.overlap_threshold = learning_rate, num_bins, overlap_threshold
+        self.max_scale = max_scale
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
 
     def __call__(
@@ -134,9 +145,18 @@ class AffineRegistration:
         masks = [
             None if m is None else m.float().reshape(1, 1, *m.shape[-3:]).to(device) for m in (fixed_mask, moving_mask)
         ]
-        overlap = self._overlap(self._level(images[0], a_fixed, images[1], a_moving, masks, _OVERLAP_MM), identity)
-        if self.mode == "auto" and overlap >= self.overlap_threshold:
+        header_level = self._level(images[0], a_fixed, images[1], a_moving, masks, _OVERLAP_MM)
+        overlap, inside, volume_ratio = self._overlap(header_level, identity)
+        # a skull-stripped brain within a whole head is aligned, although their Dice is low; an affine map would only
+        # stretch the brain's outline onto the head's
+        stripped = volume_ratio <= _STRIPPED_VOLUME and inside >= self.overlap_threshold
+        if self.mode == "auto" and (overlap >= self.overlap_threshold or stripped):
             reason = f"auto: the heads overlap by Dice {overlap:.3f} through the headers (>= {self.overlap_threshold})"
+            if overlap < self.overlap_threshold:
+                reason = (
+                    f"auto: one head ({volume_ratio:.2f} of the other's volume: skull-stripped or cropped) lies "
+                    f"{inside:.3f} inside the other through the headers (>= {self.overlap_threshold})"
+                )
             logger.info(f"affine stage skipped ({reason})")
             return AffineResult(identity, False, overlap, reason, time_s=time.perf_counter() - start)
         finest = self._level(images[0], a_fixed, images[1], a_moving, masks, self.levels_mm[-1])
@@ -145,6 +165,7 @@ class AffineRegistration:
         start_matrix = self._matrix(torch.eye(3, dtype=torch.float64), centre, finest["moving_centre"] - centre)
         linear, translation = torch.eye(3, dtype=torch.float64), (finest["moving_centre"] - centre)
         done: list[int] = []
+        found_by: dict[str, torch.Tensor] = {}
         for stage in self.stages:
             for index, level_mm in enumerate(self.levels_mm):
                 level = (
@@ -155,7 +176,13 @@ class AffineRegistration:
                 rate = self.learning_rate / 2**index
                 linear, translation = self._optimise(level, stage, linear, translation, rate, self.iterations[index])
                 done.append(self.iterations[index])
-        found = self._matrix(linear, centre, translation)
+            found_by[stage] = self._matrix(linear, centre, translation)
+        found, note = found_by[self.stages[-1]], ""
+        scales = torch.linalg.svdvals(found[:3, :3])
+        if self.max_scale is not None and (scales.max() > self.max_scale or scales.min() < 1 / self.max_scale):
+            # outlines of different extents matched (a brain onto a head), not two brains
+            note = f"; its scaling {scales.min():.2f}-{scales.max():.2f} is implausible: kept the rigid map"
+            found = found_by.get("rigid", identity)
         scores = {
             name: self._mutual_information(finest, m)
             for name, m in (("headers", identity), ("centre_of_mass", start_matrix), ("affine", found))
@@ -165,6 +192,7 @@ class AffineRegistration:
         reason = f"{self.mode}: " + (
             "aligned" if best == "affine" else f"kept the {best.replace('_', ' ')} alignment (higher MI)"
         )
+        reason += note
         if self.mode == "auto":
             reason += f"; heads overlapped by Dice {overlap:.3f} through the headers (< {self.overlap_threshold})"
         elapsed = time.perf_counter() - start
@@ -269,13 +297,15 @@ class AffineRegistration:
         wa = parzen_weights(values, self.num_bins)
         return -_weights_mutual_information(wa, level["fixed_parzen"], mask=weight)
 
-    def _overlap(self, level: dict[str, torch.Tensor], matrix: torch.Tensor) -> float:
-        """Dice of the two heads (normalised intensity above 0.1) with the moving one mapped by ``matrix``."""
+    def _overlap(self, level: dict[str, torch.Tensor], matrix: torch.Tensor) -> tuple[float, float, float]:
+        """Of the two heads (normalised intensity above 0.1) with the moving one mapped by ``matrix``: their Dice, the
+        share of the smaller one inside the larger, and the smaller one's volume over the larger's."""
         with torch.no_grad():
             values, _ = self._sample(level, *self._parameters(level, matrix))
         a = level["fixed"] > _FOREGROUND
         b = values > _FOREGROUND
-        return float(2 * (a & b).sum() / (a.sum() + b.sum()).clamp(min=1))
+        both, sizes = float((a & b).sum()), sorted([float(a.sum()), float(b.sum())])
+        return 2 * both / max(sum(sizes), 1.0), both / max(sizes[0], 1.0), sizes[0] / max(sizes[1], 1.0)
 
     def _optimise(
         self,

@@ -76,7 +76,9 @@ def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
     return x
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
+def mind_ssc(
+    image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6, floor: float = 1e-3
+) -> torch.Tensor:
     """MIND-SSC descriptor of ``image`` ``[B, C, X, Y, Z]`` -> ``[B, 12, X, Y, Z]`` with values in ``(0, 1]``.
 
     Args:
@@ -85,7 +87,10 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
             offset of the input and nearly so to monotone remaps.
         radius: half width ``r`` of the patch window (voxels).
         dilation: neighbourhood distance ``d`` (voxels).
-        eps: floor of the local variance before normalisation.
+        eps: absolute floor of the local variance before normalisation.
+        floor: floor of the local variance relative to its mean over the image: where the patch distances are
+            smaller (flat tissue, where they are mostly noise), the descriptor flattens towards 1 instead of
+            turning noise into structure.
     """
     d, r = dilation, radius
     # padded once, so that the patch sums need no padding of their own: slice sums cost about half of a separable
@@ -118,7 +123,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     dist = dist - dist.amin(dim=1, keepdim=True)
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean(dim=(1, 2, 3, 4), keepdim=True)
-    var = var.clamp(min=mean_var * 1e-3, max=mean_var * 1e3).clamp(min=eps * (2 * r + 1) ** 3)
+    var = var.clamp(min=mean_var * floor, max=mean_var * 1e3).clamp(min=eps * (2 * r + 1) ** 3)
     # a product with the reciprocal: its backward is about 1.5x cheaper than a division's
     return torch.exp(dist * (-1.0 / var))
 
@@ -130,10 +135,12 @@ class MINDSSC(nn.Module):
     so that the descriptor of a block of voxels can be computed from the block grown by ``reach`` on each side.
     """
 
-    def __init__(self, radius: int = 1, dilation: int = 2) -> None:
+    def __init__(self, radius: int = 1, dilation: int = 2, floor: float = 1e-3) -> None:
         super().__init__()
-        self.radius, self.dilation = radius, dilation
+        if not 0 < floor < 1:
+            raise ValueError(f"floor is a fraction of the mean local variance in (0, 1), got {floor}.")
+        self.radius, self.dilation, self.floor = radius, dilation, floor
         self.reach = dilation + radius
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return mind_ssc(image, self.radius, self.dilation)
+        return mind_ssc(image, self.radius, self.dilation, floor=self.floor)

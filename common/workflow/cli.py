@@ -12,8 +12,10 @@ from monai.bundle import ConfigParser
 
 from common.io import RegistrationInputError, switch
 
-__all__ = ["check_command_line", "input_error_cause", "os_error_cause", "switch"]
+__all__ = ["PRESETS", "check_command_line", "input_error_cause", "os_error_cause", "switch"]
 
+# override files that change a bundle's defaults for a kind of pair (``configs/<name>.json``)
+PRESETS = ("longitudinal",)
 # arguments of monai.bundle's ``run`` itself, not config overrides
 _RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
 
@@ -107,6 +109,8 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     parser = ConfigParser()
     parser.read_config(files)
     for key, value in overrides.items():
+        if key == "preset" and key not in parser:
+            raise RegistrationInputError(_preset_hint(value, files))
         if key in parser:
             _check(key, value, parser.get(key))
             continue
@@ -114,6 +118,20 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
         raise RegistrationInputError(f"--{key}: no such setting in {', '.join(files)}{hint}")
+
+
+def _preset_hint(name: str, files: list[str]) -> str:
+    """How to use a preset: as MONAI merges override files, by adding the preset's file after the config."""
+    folder = Path(files[0]).parent
+    available = sorted(p.stem for p in folder.glob("*.json") if p.stem in PRESETS)
+    if name not in available:
+        listed = ", ".join(available) or "none"
+        return f"--preset {name}: no such preset beside {files[0]} (presets of this bundle: {listed})"
+    preset = folder / f"{name}.json"
+    return (
+        f"--preset {name}: a preset is an override file, listed after the config: "
+        f"--config_file \"['{files[0]}','{preset}']\""
+    )
 
 
 def _ids(config: Any, prefix: str = "") -> list[str]:
