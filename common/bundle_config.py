@@ -9,9 +9,9 @@ held-out split, trainer, validation, checkpoints that resume). A bundle's ``conf
 bases under ``_bases_`` and holds only what is its own; the merge is MONAI's own for a list of config files
 (``--config_file "[base, ..., delta]"`` gives the same content): a later file replaces a top-level key, and an
 ``a#b`` key replaces one nested value. The result is written as the bundle's ``configs/<name>.json``, so that a
-bundle runs, and exports to the model zoo, as self-contained files. ``logging.conf`` (every bundle),
-``multi_gpu_train.json`` (bundles that train) and the ``longitudinal.json`` preset (bundles of the Neural ODE
-instance optimisation) are the same for all bundles and are copied as they are.
+bundle runs, and exports to the model zoo, as self-contained files. An override file (a preset such as
+``longitudinal.json``) is built the same way from a base that holds override keys only. ``logging.conf`` (every
+bundle) and ``multi_gpu_train.json`` (bundles that train) are the same for all bundles and are copied as they are.
 """
 
 from __future__ import annotations
@@ -53,7 +53,13 @@ def base_files(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> list[str
 def merged_config(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> dict[str, Any]:
     """The full config of a bundle's ``delta`` file: its ``_bases_`` (names in ``bases_dir``) then the delta, merged
     as MONAI merges a list of config files."""
-    merged = ConfigParser.load_config_files(base_files(delta, bases_dir) + [str(delta)])
+    files = base_files(delta, bases_dir) + [str(delta)]
+    first = ConfigParser.load_config_file(files[0])
+    if first and all("#" in key or "::" in key for key in first):
+        # an override file (a preset) changes settings of a config it is listed after: its keys stay flat paths
+        merged = {k: v for f in files for k, v in ConfigParser.load_config_file(f).items()}
+    else:
+        merged = ConfigParser.load_config_files(files)
     merged.pop(_BASES_KEY)
     return merged
 
@@ -82,10 +88,7 @@ def built_configs(bundle: str | Path, bases_dir: str | Path = BASES_DIR) -> dict
         for delta in sorted(configs.glob(f"*{DELTA_SUFFIX}"))
     }
     trains = any(path.name.startswith("train") for path in built)
-    bases = {Path(base).name for delta in configs.glob(f"*{DELTA_SUFFIX}") for base in base_files(delta, bases_dir)}
-    neural_ode = "neural_ode_inference.json" in bases
     shared = ["logging.conf"] + (["multi_gpu_train.json"] if trains else [])
-    shared += ["longitudinal.json"] if neural_ode else []
     built.update({configs / name: (Path(bases_dir) / name).read_text() for name in shared})
     return built
 

@@ -47,6 +47,8 @@ def test_each_built_config_is_its_bases_and_delta_merged():
     deltas = sorted((ROOT / "bundles").glob("*/configs/*_delta.json"))
     assert {d.parent.parent.name for d in deltas} >= {"node_mind", "node_lmi", "node_contrastive", "tto_kd"}
     for delta in deltas:
+        if all("#" in key for key in json.loads(delta.read_text()) if key != "_bases_"):
+            continue  # an override file (a preset): see the preset's own test
         listed = ConfigParser()
         listed.read_config(base_files(delta) + [str(delta)])
         built = ConfigParser()
