@@ -135,12 +135,28 @@ def test_real_known_pairs_are_undone_by_their_known_field_and_identity_pairs_nee
     from nibabel.processing import resample_from_to
     from scipy.ndimage import map_coordinates
 
-    from benchmarks.real_data import real_pair_files, true_fixed_to_moving, world_grid, world_to_voxel
+    from benchmarks.real_data import (
+        REAL_CASES,
+        implant_lesion,
+        real_pair_files,
+        true_fixed_to_moving,
+        world_grid,
+        world_to_voxel,
+    )
     from common.io import save_ddf_itk
     from common.metrics import dice_per_label, mean_dict
 
     def dice(a: np.ndarray, b: np.ndarray) -> float:
         return mean_dict(dice_per_label(a.astype(np.int64), b.astype(np.int64)))
+
+    # the patient's lesion lands inside the template's brain, brighter than the tissue it replaces (T2: stroke)
+    template = nib.load(shared_data / REAL_CASES["t2_lesion"][0])
+    original = np.asanyarray(template.dataobj).astype(np.float32)
+    lesioned = implant_lesion(template, shared_data)
+    brighter = lesioned > 1.5 * original
+    atlas = nib.load(shared_data / "templates" / "spm12" / "tpm_labels_Neuromorphometrics.nii.gz")
+    in_brain = resample_from_to(atlas, template, order=0).get_fdata()[brighter] > 0
+    assert 1000 < brighter.sum() < 10000 and in_brain.mean() > 0.9, (brighter.sum(), in_brain.mean())
 
     identity = real_pair_files(shared_data, tmp_path / "identity", "t2", 0, deformed=False)
     known = real_pair_files(shared_data, tmp_path / "known", "t2_lesion", 0, deformed=True)
