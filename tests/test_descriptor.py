@@ -157,3 +157,20 @@ def test_shipped_descriptor_matches_held_out_anatomy_across_contrasts_far_better
     trained, untrained = accuracy(str(weights)), accuracy(None)
     # measured with the shipped weights: 0.82 trained (0.1.0: 0.67), 0.011 untrained (chance: 1/1024)
     assert trained > 0.5 and trained > 20 * untrained, (trained, untrained)
+
+
+def test_mind_floor_flattens_noise_in_flat_tissue_and_keeps_edges():
+    """A variance floor relative to the image's mean local variance turns the descriptor of flat, noisy tissue towards
+    1 (no structure) while a strong edge keeps its contrast; the floor must be a fraction."""
+    from common.losses import MINDSSC
+
+    torch.manual_seed(0)
+    image = torch.zeros(1, 1, 24, 24, 24)
+    image[..., 12:] = 1.0
+    image = image + 0.01 * torch.randn_like(image)
+    flat, edge = (slice(None), slice(None), slice(4, 20), slice(4, 20), slice(2, 7)), (..., slice(10, 14))
+    low, high = mind_ssc(image), mind_ssc(image, floor=0.3)
+    assert high[flat].std() < 0.5 * low[flat].std() and high[flat].mean() > low[flat].mean()
+    assert high[edge].std() > 0.5 * low[edge].std()
+    with pytest.raises(ValueError, match="floor"):
+        MINDSSC(floor=1.5)
