@@ -5,8 +5,8 @@
 Every method writes, on the fixed image's grid and with its affine, ``warped.nii.gz`` (the moving image warped),
 ``warped_label.nii.gz`` (the moving label map warped by nearest neighbour), ``jacobian.nii.gz`` (the determinant of
 the transform's Jacobian), ``ddf.nii.gz`` (its whole transform as one displacement field in ITK's convention, or the
-field that ``affine.mat`` follows, as the collection's bundles write them) and ``run.json`` with its wall time (registration, warping and writing; imports and
-interpreter start excluded) and its own peak resident memory. The thread count is fixed by the caller through the
+field that ``affine.mat`` follows, as the collection's bundles write them) and ``run.json`` with its wall time
+(registration, warping and writing; imports and interpreter start excluded) and its own peak resident memory. The thread count is fixed by the caller through the
 environment (see :func:`thread_env`).
 """
 

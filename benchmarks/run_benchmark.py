@@ -283,9 +283,11 @@ def score(
 
 
 @functools.lru_cache(maxsize=4)
-def _truth(field: Path, fixed: Path) -> np.ndarray:
+def _truth(field: Path, fixed: Path, fixed_label: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Where each fixed voxel belongs in the moving image, and the fixed brain: once per pair, not per method."""
     image = nib.load(str(fixed))
-    return true_fixed_to_moving(field, image.affine, image.shape[:3])
+    brain = np.asarray(load_label_map(fixed_label).dataobj) > 0
+    return true_fixed_to_moving(field, image.affine, image.shape[:3]), brain
 
 
 def field_error(pair: Pair, points: np.ndarray) -> dict[str, float]:
@@ -294,8 +296,7 @@ def field_error(pair: Pair, points: np.ndarray) -> dict[str, float]:
     pairs without one."""
     if pair.known_field is None:
         return {}
-    mask = np.asarray(load_label_map(pair.fixed_label).dataobj) > 0
-    mean, p95 = field_error_mm(points, _truth(pair.known_field, pair.fixed), mask)
+    mean, p95 = field_error_mm(points, *_truth(pair.known_field, pair.fixed, pair.fixed_label))
     return {"field_error_mm": mean, "field_error_p95_mm": p95}
 
 

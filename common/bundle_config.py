@@ -30,6 +30,7 @@ __all__ = [
     "base_files",
     "built_configs",
     "format_config",
+    "is_override",
     "merged_config",
     "write_bundle_configs",
 ]
@@ -50,13 +51,19 @@ def base_files(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> list[str
     return [str(own / f"{n[2:]}.base.json" if n.startswith("./") else Path(bases_dir) / f"{n}.json") for n in bases]
 
 
+def is_override(config: dict[str, Any]) -> bool:
+    """Whether ``config`` is an override file (a preset): every key but ``_bases_`` a path into the config it is
+    listed after (``a#b``), so it merges onto that config rather than standing alone."""
+    keys = [key for key in config if key != _BASES_KEY]
+    return bool(keys) and all("#" in key or "::" in key for key in keys)
+
+
 def merged_config(delta: str | Path, bases_dir: str | Path = BASES_DIR) -> dict[str, Any]:
     """The full config of a bundle's ``delta`` file: its ``_bases_`` (names in ``bases_dir``) then the delta, merged
     as MONAI merges a list of config files."""
     files = base_files(delta, bases_dir) + [str(delta)]
-    first = ConfigParser.load_config_file(files[0])
-    if first and all("#" in key or "::" in key for key in first):
-        # an override file (a preset) changes settings of a config it is listed after: its keys stay flat paths
+    if is_override(ConfigParser.load_config_file(files[0])):
+        # its keys stay flat paths: MONAI's merge would look them up in a config that is not there
         merged = {k: v for f in files for k, v in ConfigParser.load_config_file(f).items()}
     else:
         merged = ConfigParser.load_config_files(files)

@@ -154,10 +154,10 @@ def test_transforms_read_back_as_itk_maps_points(tmp_path):
     by_field = np.asarray(on_grid) + np.asarray(field.GetPixel([int(v) for v in voxel]))
     expected_lps = np.asarray(transform.TransformPoint([float(v) for v in by_field]))
     np.testing.assert_allclose(points[(slice(None), *voxel)] * [-1, -1, 1], expected_lps, atol=1e-4)
-    with pytest.raises(RegistrationInputError, match="AffineTransform"):
-        from scipy.io import savemat
+    from scipy.io import savemat
 
-        savemat(tmp_path / "other.mat", {"something": np.zeros(3)}, format="4")
+    savemat(tmp_path / "other.mat", {"something": np.zeros(3)}, format="4")
+    with pytest.raises(RegistrationInputError, match="AffineTransform"):
         load_affine_itk(tmp_path / "other.mat")
 
 
