@@ -216,10 +216,14 @@ def random_affine(rng: np.random.Generator) -> np.ndarray:
     return matrix
 
 
-def moved_pair(pair: Pair, cache: Path, seed: int, dataset: str) -> Pair:
+def moved_pair(pair: Pair, cache: Path, seed: int, dataset: str, margin_mm: float = 16.0) -> Pair:
     """``pair`` with its moving image and labels moved in world space by :func:`random_affine` about the moving image's
-    centre (resampled on their own grid: linear for the image, nearest for the labels; a sheared map cannot live in
-    an ITK header), written once into ``cache``, as a pair of ``dataset``."""
+    centre, as a scan of the subject lying elsewhere in the scanner: resampled at ``pair``'s own resolution (linear for
+    the image, nearest for the labels; a sheared map cannot live in an ITK header) onto its grid widened by
+    ``margin_mm`` on every side, so that no anatomy leaves the field of view, written once into ``cache``, as a pair of
+    ``dataset``. Give it the 1 mm pair and downsample the result: nearest-neighbour labels moved on the 2 mm grid
+    itself lose what no registration can bring back (their round trip through the exact inverse keeps a mean Dice of
+    0.985 on the held-out pairs, and 1-2 % of the brain left a 2 mm grid without the margin)."""
     from scipy.ndimage import affine_transform
 
     files = pair_files(cache / dataset / f"seed{seed}" / pair.name)
@@ -230,15 +234,21 @@ def moved_pair(pair: Pair, cache: Path, seed: int, dataset: str) -> Pair:
         about[:3, 3] = centre[:3]
         rng = np.random.default_rng([seed, *(int(c) for c in pair.name if c.isdigit())])
         matrix = about @ random_affine(rng) @ np.linalg.inv(about)
-        # output voxel v shows what the unmoved image has at world point M^-1 A v
-        pull = np.linalg.inv(moving.affine) @ np.linalg.inv(matrix) @ moving.affine
+        spacing = np.linalg.norm(moving.affine[:3, :3], axis=0)
+        pad = np.ceil(margin_mm / spacing).astype(int)
+        widened = moving.affine.copy()
+        widened[:3, 3] = moving.affine[:3, :3] @ -pad + moving.affine[:3, 3]
+        shape = tuple(np.array(moving.shape[:3]) + 2 * pad)
+        # output voxel v shows what the unmoved image has at world point M^-1 W v
+        pull = np.linalg.inv(moving.affine) @ np.linalg.inv(matrix) @ widened
         for key, path in files.items():
             image = nib.load(str(getattr(pair, key)))
-            data = np.asanyarray(image.dataobj)
+            data, affine = np.asanyarray(image.dataobj), image.affine
             if key.startswith("moving"):
                 order = 0 if key.endswith("label") else 1
-                data = affine_transform(data, pull[:3, :3], pull[:3, 3], order=order, mode="constant", cval=0)
-            save_nifti(data, image.affine, path)
+                data = affine_transform(data, pull[:3, :3], pull[:3, 3], shape, order=order, mode="constant", cval=0)
+                affine = widened
+            save_nifti(data, affine, path)
     return Pair(dataset, pair.name, groups=pair.groups, **files)
 
 
@@ -389,13 +399,13 @@ def prepare_pairs(datasets: list[str], count: int, data_dir: Path, cache: Path, 
         chosen = subject_pairs(count, seed, subjects)
         for contrast in FIXED_CONTRASTS:
             name = f"{subset}_{contrast}"
-            if name in datasets or f"{name}_1mm" in datasets:
+            if {name, f"{name}_1mm", f"{name}_moved"} & set(datasets):
                 rendered = [rendered_pair(data_dir, cache, m, f, seed, contrast, f"{name}_1mm") for m, f in chosen]
                 pairs += rendered if f"{name}_1mm" in datasets else []
                 pairs += [downsampled_pair(pair, cache, seed, name) for pair in rendered] if name in datasets else []
                 if f"{name}_moved" in datasets:
-                    at_2mm = [downsampled_pair(pair, cache, seed, name) for pair in rendered]
-                    pairs += [moved_pair(pair, cache, seed, f"{name}_moved") for pair in at_2mm]
+                    moved = [moved_pair(pair, cache, seed, f"{name}_moved_1mm") for pair in rendered]
+                    pairs += [downsampled_pair(pair, cache, seed, f"{name}_moved") for pair in moved]
     for dataset in ("real_known", "real_identity"):
         if dataset in datasets:
             for case in list(REAL_CASES)[:count]:

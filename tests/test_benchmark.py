@@ -188,3 +188,46 @@ def test_real_known_pairs_are_undone_by_their_known_field_and_identity_pairs_nee
         world_grid(fixed_label.affine, truth.shape),
         true_fixed_to_moving(identity["known_field"], fixed_label.affine, truth.shape),
     )
+
+
+def test_moved_pair_keeps_the_whole_head_in_view_and_the_exact_inverse_brings_it_back(tmp_path):
+    # a head filling its 1 mm field of view to within 4 mm: moved by up to 10 mm and 10 % without a margin, it
+    # would leave the grid
+    shape = (48, 48, 48)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
+    radius = np.linalg.norm(grid, axis=0)
+    labels = np.where(radius < 20, np.where(grid[0] > 0, 2, 3), 0).astype(np.int16)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-23.5, -30.0, -10.0]
+    files = {}
+    for key, data in (("fixed", labels * 100.0), ("moving", labels * 100.0), ("fixed_label", labels)):
+        files[key] = tmp_path / f"{key}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), str(files[key]))
+    files["moving_label"] = files["fixed_label"]
+    pair = run_benchmark.Pair("heldout_t2_1mm", "s13_to_s14", groups={"all": (2, 3)}, **files)
+
+    moved = run_benchmark.moved_pair(pair, tmp_path / "cache", 0, "heldout_t2_moved_1mm")
+    image = nib.load(str(moved.moving_label))
+    moved_labels = np.asanyarray(image.dataobj)
+    rng = np.random.default_rng([0, 1, 3, 1, 4])
+    matrix = run_benchmark.random_affine(rng)
+    # every voxel of the head is still in view: its volume changes by the map's determinant only
+    assert (moved_labels > 0).sum() == pytest.approx((labels > 0).sum() * abs(np.linalg.det(matrix[:3, :3])), rel=0.02)
+    assert np.all(moved_labels[0] == 0) and np.all(moved_labels[-1] == 0)
+    # the fixed image keeps its grid; the moving one lies on its own grid widened by the margin
+    assert nib.load(str(moved.fixed)).shape == shape
+    assert image.shape == tuple(n + 32 for n in shape)
+
+    # the exact inverse, applied with the headers, brings the labels back onto the original grid
+    from scipy.ndimage import affine_transform
+
+    centre = affine @ np.append((np.array(shape) - 1) / 2, 1.0)
+    about = np.eye(4)
+    about[:3, 3] = centre[:3]
+    world = about @ matrix @ np.linalg.inv(about)
+    pull = np.linalg.inv(image.affine) @ world @ affine
+    back = affine_transform(moved_labels, pull[:3, :3], pull[:3, 3], shape, order=0)
+    assert (
+        np.mean([2 * ((back == k) & (labels == k)).sum() / ((back == k).sum() + (labels == k).sum()) for k in (2, 3)])
+        > 0.97
+    )

@@ -1,7 +1,7 @@
 from .affine import AffineRegistration, AffineResult
 from .finetuning import TestTimeOptimizationInferer, working_shape
 from .gate import ContrastGate, GatedStyleTransfer, local_correlation
-from .optimizer import BestState, create_pair_engine
+from .optimizer import BestState, adam, create_pair_engine
 from .protocols import (
     InvertibleModel,
     LocalDescriptor,
@@ -26,6 +26,7 @@ __all__ = [
     "RegistrationResult",
     "RegistrationStats",
     "TestTimeOptimizationInferer",
+    "adam",
     "create_pair_engine",
     "downsample_image",
     "local_correlation",

@@ -16,7 +16,7 @@ from monai.utils import convert_to_tensor
 from common.losses.objective import RegistrationObjective
 from common.spatial.fields import invert_ddf, resize_ddf
 
-from .optimizer import BestState, create_pair_engine
+from .optimizer import BestState, adam, create_pair_engine
 from .protocols import RegistrationResult, RegistrationStats
 from .registration import downsample_image
 
@@ -116,7 +116,7 @@ class TestTimeOptimizationInferer(Inferer):
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
         if self.iterations > 0:
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
+            optimizer = adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
             warmup = max(self.warmup_steps, 1)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
             best = BestState()

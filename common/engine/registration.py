@@ -30,7 +30,7 @@ from common.spatial import (
     warp_at,
 )
 
-from .optimizer import BestState, create_pair_engine
+from .optimizer import BestState, adam, create_pair_engine
 from .protocols import InvertibleModel, LocalDescriptor, PatchSimilarity, RegistrationResult, RegistrationStats
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class InstanceOptimizationInferer(Inferer):
             self.descriptor.to(device)  # a learned descriptor follows the images
         flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
         model = self.build_model(flow_shape, device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
+        optimizer = adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
         start = time.perf_counter()
         stats = RegistrationStats(grid=list(flow_shape))
 

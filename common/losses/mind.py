@@ -76,6 +76,40 @@ def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
     return x
 
 
+class _BoxSum(torch.autograd.Function):
+    """:func:`_box_sum` whose backward is its adjoint, the box sum of the gradient padded by ``2 r`` zeros: one
+    allocation instead of autograd's zero-filled full-size tensor per slice (nine per call)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, radius: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.radius = radius
+        return _box_sum(x, radius)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return _box_sum(F.pad(grad, [2 * ctx.radius] * 6), ctx.radius), None
+
+
+class _ShiftedChannels(torch.autograd.Function):
+    """``[B, C, *S]`` -> ``[B, len(picks), *S - 2 pad]``: channel ``i`` is channel ``picks[i][0]`` viewed at
+    ``index + picks[i][1]`` (:func:`_shift`). The backward adds into one zero buffer where autograd would allocate and
+    fill one of the input's size per picked channel."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, picks: list[tuple[int, tuple[int, int, int]]], pad: int
+    ) -> torch.Tensor:
+        ctx.picks, ctx.pad, ctx.shape = picks, pad, x.shape
+        return torch.cat([_shift(x[:, c : c + 1], offset, pad) for c, offset in picks], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        grad_x = grad.new_zeros(ctx.shape)
+        for i, (c, offset) in enumerate(ctx.picks):
+            _shift(grad_x[:, c : c + 1], offset, ctx.pad).add_(grad[:, i : i + 1])
+        return grad_x, None, None
+
+
 def mind_ssc(
     image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6, floor: float = 1e-3
 ) -> torch.Tensor:
@@ -102,24 +136,24 @@ def mind_ssc(
         v = tuple(d * (a - b) for a, b in zip(p, q))
         if v not in vectors and tuple(-c for c in v) not in vectors:
             vectors.append(v)
+    # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p), with S on the grid padded by d
+    picks = []
+    for p, q in _PAIRS:
+        v = tuple(d * (a - b) for a, b in zip(p, q))
+        if v in vectors:
+            picks.append((vectors.index(v), tuple(d * c for c in q)))
+        else:
+            picks.append((vectors.index(tuple(-c for c in v)), tuple(d * c for c in p)))
+    # patch sums rather than means: the normalisation below is invariant to their common scale
     if torch.jit.is_tracing() or not torch.is_grad_enabled():
         # the same values by plain operations, which TorchScript can record and inference needs no backward of
         inner = _shift(x, (0, 0, 0), d)
         sq = torch.cat([(_shift(x, v, d) - inner).square().mean(1, keepdim=True) for v in vectors], dim=1)
+        sq = _box_sum(sq, r)
+        dist = torch.cat([_shift(sq[:, c : c + 1], offset, d) for c, offset in picks], dim=1)
     else:
-        sq = _ShiftedSquaredDifferences.apply(x, vectors, d)
-    # patch sums rather than means: the normalisation below is invariant to their common scale
-    sq = _box_sum(sq, r)
-    # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p); sq lives on the grid padded by d
-    channels = []
-    for p, q in _PAIRS:
-        v = tuple(d * (a - b) for a, b in zip(p, q))
-        if v in vectors:
-            idx, base = vectors.index(v), q
-        else:
-            idx, base = vectors.index(tuple(-c for c in v)), p
-        channels.append(_shift(sq[:, idx : idx + 1], tuple(d * c for c in base), d))
-    dist = torch.cat(channels, dim=1)
+        sq = _BoxSum.apply(_ShiftedSquaredDifferences.apply(x, vectors, d), r)
+        dist = _ShiftedChannels.apply(sq, picks, d)
     dist = dist - dist.amin(dim=1, keepdim=True)
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean(dim=(1, 2, 3, 4), keepdim=True)
