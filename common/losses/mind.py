@@ -12,6 +12,8 @@ instead of 12-channel one-hot dilated convolutions (about 4x fewer operations, a
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -90,17 +92,41 @@ class _BoxSum(torch.autograd.Function):
         return _box_sum(F.pad(grad, [2 * ctx.radius] * 6), ctx.radius), None
 
 
-class _ShiftedChannels(torch.autograd.Function):
+def _shifted_channels(x: torch.Tensor, picks: tuple[tuple[int, tuple[int, int, int]], ...], pad: int) -> torch.Tensor:
     """``[B, C, *S]`` -> ``[B, len(picks), *S - 2 pad]``: channel ``i`` is channel ``picks[i][0]`` viewed at
-    ``index + picks[i][1]`` (:func:`_shift`). The backward adds into one zero buffer where autograd would allocate and
-    fill one of the input's size per picked channel."""
+    ``index + picks[i][1]`` (:func:`_shift`)."""
+    return torch.cat([_shift(x[:, c : c + 1], offset, pad) for c, offset in picks], dim=1)
+
+
+@functools.cache
+def _offsets(d: int) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, tuple[int, int, int]], ...]]:
+    """The 6 difference vectors ``v = p - q`` (up to sign) of the SSC pairs at dilation ``d``, and for each of the 12
+    pairs the vector's index and the shift that reads ``D(p, q)(x) = S_{p-q}(x + q)``, or ``S_{q-p}(x + p)``."""
+    vectors: list[tuple[int, int, int]] = []
+    for p, q in _PAIRS:
+        v = tuple(d * (a - b) for a, b in zip(p, q))
+        if v not in vectors and tuple(-c for c in v) not in vectors:
+            vectors.append(v)
+    picks = []
+    for p, q in _PAIRS:
+        v = tuple(d * (a - b) for a, b in zip(p, q))
+        if v in vectors:
+            picks.append((vectors.index(v), tuple(d * c for c in q)))
+        else:
+            picks.append((vectors.index(tuple(-c for c in v)), tuple(d * c for c in p)))
+    return tuple(vectors), tuple(picks)
+
+
+class _ShiftedChannels(torch.autograd.Function):
+    """:func:`_shifted_channels` whose backward adds into one zero buffer where autograd would allocate and fill one of
+    the input's size per picked channel."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: torch.Tensor, picks: list[tuple[int, tuple[int, int, int]]], pad: int
+        ctx, x: torch.Tensor, picks: tuple[tuple[int, tuple[int, int, int]], ...], pad: int
     ) -> torch.Tensor:
         ctx.picks, ctx.pad, ctx.shape = picks, pad, x.shape
-        return torch.cat([_shift(x[:, c : c + 1], offset, pad) for c, offset in picks], dim=1)
+        return _shifted_channels(x, picks, pad)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
@@ -130,27 +156,16 @@ def mind_ssc(
     # padded once, so that the patch sums need no padding of their own: slice sums cost about half of a separable
     # convolution with replicate padding, forward and backward, on the CPU
     x = F.pad(image, [2 * d + r] * 6, mode="replicate")
-    # S_v(y) = (I(y + v) - I(y))^2 for the 6 difference vectors v = p - q (up to sign), on the grid padded by d + r
-    vectors: list[tuple[int, ...]] = []
-    for p, q in _PAIRS:
-        v = tuple(d * (a - b) for a, b in zip(p, q))
-        if v not in vectors and tuple(-c for c in v) not in vectors:
-            vectors.append(v)
-    # D(p, q)(x) = S_{p-q}(x + q), or S_{q-p}(x + p), with S on the grid padded by d
-    picks = []
-    for p, q in _PAIRS:
-        v = tuple(d * (a - b) for a, b in zip(p, q))
-        if v in vectors:
-            picks.append((vectors.index(v), tuple(d * c for c in q)))
-        else:
-            picks.append((vectors.index(tuple(-c for c in v)), tuple(d * c for c in p)))
+    # S_v(y) = (I(y + v) - I(y))^2 for the 6 difference vectors v = p - q (up to sign), on the grid padded by d + r;
+    # D(p, q) is read from them by the shifts in picks
+    vectors, picks = _offsets(d)
     # patch sums rather than means: the normalisation below is invariant to their common scale
     if torch.jit.is_tracing() or not torch.is_grad_enabled():
         # the same values by plain operations, which TorchScript can record and inference needs no backward of
         inner = _shift(x, (0, 0, 0), d)
         sq = torch.cat([(_shift(x, v, d) - inner).square().mean(1, keepdim=True) for v in vectors], dim=1)
         sq = _box_sum(sq, r)
-        dist = torch.cat([_shift(sq[:, c : c + 1], offset, d) for c, offset in picks], dim=1)
+        dist = _shifted_channels(sq, picks, d)
     else:
         sq = _BoxSum.apply(_ShiftedSquaredDifferences.apply(x, vectors, d), r)
         dist = _ShiftedChannels.apply(sq, picks, d)
