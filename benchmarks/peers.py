@@ -182,6 +182,14 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "tto_kd_teacher": lambda args: run_bundle(
         args, "tto_kd", **{"model": "teacher", "inferer#iterations": 0, **args.overrides}
     ),
+    # the adapter as released, without its style transfer, and its frozen backbone alone (no per-pair refinement)
+    "vfa_brainid_adapter": lambda args: run_bundle(args, "vfa_brainid_adapter", **args.overrides),
+    "vfa_brainid_adapter_no_style": lambda args: run_bundle(
+        args, "vfa_brainid_adapter", **{"synth_weights": "", **args.overrides}
+    ),
+    "vfa_brainid_adapter_backbone": lambda args: run_bundle(
+        args, "vfa_brainid_adapter", **{"inferer#iterations": 0, **args.overrides}
+    ),
 }
 
 
