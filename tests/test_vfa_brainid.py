@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +126,36 @@ def test_the_contrast_gate_transfers_a_t2_against_a_t1_and_not_a_t1():
         ContrastGate("sometimes")
 
 
+def test_the_refiners_similarity_compares_each_stage_only_inside_the_masks():
+    """With a moving mask, what the moving image holds outside it (a bright artefact) changes neither stage's LNCC;
+    without masks it does; the masked voxel mean is MONAI's LNCC where the mask is everywhere; a loss that already
+    reduces its voxel map is refused."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+    from monai.networks.layers import GaussianFilter
+
+    from common.losses import MaskedVoxelMean, StageSimilarity
+
+    torch.manual_seed(0)
+    moving = GaussianFilter(3, 1.5)(torch.rand(1, 1, 32, 32, 32))
+    fixed = moving + 0.01 * torch.rand_like(moving)
+    stages = [torch.zeros(1, 3, 32, 32, 32), torch.full((1, 3, 32, 32, 32), 0.4)]
+    moving_mask = torch.ones_like(moving)
+    moving_mask[..., 2:20, 2:20, 2:20] = 0
+    artefact = moving.clone()
+    # a textured blob well inside the hole: no window of a voxel inside the mask reaches it, even after the shift
+    artefact[..., 7:15, 7:15, 7:15] = 5.0 * torch.rand(8, 8, 8)
+    lncc = MaskedVoxelMean(LocalNormalizedCrossCorrelationLoss(kernel_size=5, kernel_type="gaussian", reduction="none"))
+    term = StageSimilarity(lncc)
+    masked = [term(stages, m, fixed, moving_mask=moving_mask) for m in (moving, artefact)]
+    unmasked = [term(stages, m, fixed) for m in (moving, artefact)]
+    assert abs(float(masked[0] - masked[1])) < 1e-3 * abs(float(masked[0]))
+    assert abs(float(unmasked[0] - unmasked[1])) > 0.03 * abs(float(unmasked[0]))
+    reference = LocalNormalizedCrossCorrelationLoss(kernel_size=5, kernel_type="gaussian")
+    torch.testing.assert_close(lncc(moving, fixed, mask=torch.ones_like(fixed)), reference(moving, fixed))
+    with pytest.raises(ValueError, match="reduction='none'"):
+        MaskedVoxelMean(reference)
+
+
 def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap():
     """A tiny untrained VFA, frozen, gives the first field once per pair; 40 steps of the per-pair optimisation of the
     refiners (LNCC with a Gaussian window at every stage + diffusion, 10-step warm-up) raise Dice on a phantom pair
@@ -224,7 +256,8 @@ def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engi
 
 def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_it_decided(tmp_path):
     """The bundle's inference config end to end on the embedded sample (untrained backbone, no synthesizer, five
-    refinement steps): the contract's outputs, the decision in metrics.json; and without its trained backbone file
+    refinement steps, a brain mask on the fixed image): the contract's outputs, the decision in metrics.json; and
+    without its trained backbone file
     the user is told how to get one."""
     import json
 
@@ -234,14 +267,26 @@ def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_i
 
     config = str(Path(__file__).resolve().parents[1] / "bundles" / "vfa_brainid_adapter" / "configs" / "inference.json")
     quick = {"synth_weights": "", "inferer#iterations": 3, "progress": False, "save_qc": False, "device": "cpu"}
+    sample = sample_pair()
+    label = nib.load(sample["fixed_label"])
+    fixed_mask = str(tmp_path / "fixed_mask.nii.gz")
+    nib.save(nib.Nifti1Image((np.asarray(label.dataobj) > 0).astype(np.uint8), label.affine), fixed_mask)
     workflow = ConfigWorkflow(
-        config_file=config, workflow_type="infer", output_dir=str(tmp_path), backbone_weights="", **quick
+        config_file=config,
+        workflow_type="infer",
+        output_dir=str(tmp_path),
+        backbone_weights="",
+        fixed=sample["fixed"],
+        moving=sample["moving"],
+        fixed_mask=fixed_mask,
+        **quick,
     )
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["bundle"] == "vfa_brainid_adapter" and metrics["decisions"] == {"style_transfer": False}
+    assert metrics["fixed_mask"] == fixed_mask
     for name in ("warped.nii.gz", "ddf.nii.gz", "inverse_ddf.nii.gz", "jacobian.nii.gz"):
         assert (tmp_path / name).is_file(), name
     missing = ConfigWorkflow(

@@ -18,8 +18,10 @@ from .objective import (
     TeacherDistillationLoss,
     WarpedLabelDiceLoss,
     joint_one_hot,
+    pair_mask,
 )
 from .reconstruction import IntensityGradientL1Loss
+from .reduction import MaskedVoxelMean
 from .regularizers import (
     DisplacementDivergenceLoss,
     DisplacementSmoothnessLoss,
@@ -38,6 +40,7 @@ __all__ = [
     "IntensityGradientL1Loss",
     "JacobianBarrierLoss",
     "LocalMutualInformationLoss",
+    "MaskedVoxelMean",
     "MultiAxisMutualInformationLoss",
     "RegistrationObjective",
     "RegistrationTerm",
@@ -49,6 +52,7 @@ __all__ = [
     "grouped_mutual_information",
     "joint_one_hot",
     "mind_ssc",
+    "pair_mask",
     "parzen_weights",
     "patch_groups",
     "sample_voxels",

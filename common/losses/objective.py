@@ -23,6 +23,7 @@ __all__ = [
     "TeacherDistillationLoss",
     "WarpedLabelDiceLoss",
     "joint_one_hot",
+    "pair_mask",
 ]
 
 
@@ -63,18 +64,50 @@ class ImageSimilarity(nn.Module):
         return self.similarity(warped, fixed, mask=mask)
 
 
+def pair_mask(
+    ddf: torch.Tensor, fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Where a similarity compares the pair: ``fixed_mask`` times ``moving_mask`` warped by ``ddf`` (``[B, 1, X, Y,
+    Z]``, 1 inside; the moving one before warping), either alone when the other is None. No gradient: the field is not
+    rewarded for moving the mask."""
+    if fixed_mask is None and moving_mask is None:
+        raise ValueError("pair_mask needs fixed_mask, moving_mask or both.")
+    with torch.no_grad():
+        mask = None if fixed_mask is None else fixed_mask.float()
+        if moving_mask is not None:
+            warped = warp(moving_mask.float(), ddf, padding_mode="zeros")
+            mask = warped if mask is None else mask * warped
+        return mask
+
+
 class StageSimilarity(nn.Module):
     """``sum_s similarity(m∘u_s, f)`` over the fields ``stage_ddfs`` of a multi-stage network (coarse to fine): every
-    stage's field is held to the images, not only the last (the adapter's refiners)."""
+    stage's field is held to the images, not only the last (the adapter's refiners). Given the pair's masks, each
+    stage compares the images inside :func:`pair_mask` of its own field (the similarity then takes ``mask=``)."""
 
     inputs = ("stage_ddfs", "moving", "fixed")
+    optional_inputs = ("fixed_mask", "moving_mask")
 
     def __init__(self, similarity: nn.Module) -> None:
         super().__init__()
         self.similarity = similarity
 
-    def forward(self, stage_ddfs: list[torch.Tensor], moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.similarity(warp(moving, ddf), fixed) for ddf in stage_ddfs]).sum()
+    def forward(
+        self,
+        stage_ddfs: list[torch.Tensor],
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        values = []
+        for ddf in stage_ddfs:
+            if fixed_mask is None and moving_mask is None:
+                values.append(self.similarity(warp(moving, ddf), fixed))
+            else:
+                mask = pair_mask(ddf, fixed_mask, moving_mask)
+                values.append(self.similarity(warp(moving, ddf), fixed, mask=mask))
+        return torch.stack(values).sum()
 
 
 class TeacherDistillationLoss(nn.Module):
@@ -173,15 +206,6 @@ class RegistrationObjective(nn.Module):
         """Whether a term weighted above 0 reads input ``name``."""
         return any(self.weights[k] and name in term.inputs for k, term in self.terms.items())
 
-    @staticmethod
-    def _mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            mask = inputs.get("fixed_mask")
-            if "moving_mask" in inputs:
-                warped = warp(inputs["moving_mask"].float(), inputs["ddf"], padding_mode="zeros")
-                mask = warped if mask is None else mask.float() * warped
-            return mask.float()
-
     def forward(self, **inputs: torch.Tensor | None) -> torch.Tensor:
         active = {name: term for name, term in self.terms.items() if self.weights[name]}
         available = {k: v for k, v in inputs.items() if v is not None}
@@ -191,7 +215,7 @@ class RegistrationObjective(nn.Module):
         if "warped" not in available and "moving" in available and "ddf" in available and self.needs("warped"):
             available["warped"] = warp(available["moving"], available["ddf"])
         if "fixed_mask" in available or "moving_mask" in available:
-            available["mask"] = self._mask(available)
+            available["mask"] = pair_mask(available["ddf"], available.get("fixed_mask"), available.get("moving_mask"))
         values = {}
         for name, term in active.items():
             missing = [k for k in term.inputs if k not in available]
