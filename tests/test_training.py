@@ -279,7 +279,8 @@ VFA_ADAPTER = REPO / "bundles" / "vfa_brainid_adapter" / "configs"
 def test_the_adapter_backbone_and_style_network_train_resume_and_load_into_the_inference_config(tmp_path):
     """Two tiny runs of each of vfa_brainid_adapter's training configs: the VFA backbone on T1-like pairs (val_dice
     on the curve) and the Brain-ID style network (PSNR against the T1 rendering, and the input's own error beside
-    it); each resumes, and its weights load into the inference config's network of the official layout."""
+    it); each resumes (the backbone also from a state without the optimizer's), and its weights load into the
+    inference config's network of the official layout."""
     backbone_dir, synth_dir = tmp_path / "backbone", tmp_path / "synth"
     for epochs in (1, 2):
         _run(
@@ -295,6 +296,14 @@ def test_the_adapter_backbone_and_style_network_train_resume_and_load_into_the_i
     assert [r["iteration"] for r in backbone_rows] == ["2.0", "4.0"] and float(backbone_rows[-1]["val_dice_before"]) > 0
     assert [r["iteration"] for r in synth_rows] == ["2.0", "4.0"]
     assert all(float(r["val_psnr"]) > 0 and float(r["val_mae_input"]) > 0 for r in synth_rows)
+    # a state shipped without Adam's moments (to keep models/ small) continues the run in another folder
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    state = torch.load(backbone_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, shipped / "checkpoint_shipped.pt")
+    _run(str(VFA_ADAPTER / "train_backbone.json"), shipped, 3, [sys.executable], _tto_kd_values(shipped, 3))
+    assert [r["iteration"] for r in _curve(shipped)] == ["6.0"]
     parser = ConfigParser()
     parser.read_config(str(VFA_ADAPTER / "inference.json"))
     parser["backbone_weights"] = str(backbone_dir / "models" / "backbone.pt")

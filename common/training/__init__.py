@@ -1,4 +1,4 @@
-from .checkpoints import BestWeights, TrainingCheckpoint, latest_checkpoint
+from .checkpoints import BestWeights, TrainingCheckpoint, held_in, latest_checkpoint
 from .contrastive import (
     ContrastiveIteration,
     RandContrastViewsd,
@@ -26,6 +26,7 @@ __all__ = [
     "TrainingCheckpoint",
     "TrainingCurve",
     "corresponding_parts",
+    "held_in",
     "label_maps",
     "latest_checkpoint",
     "on_rank",

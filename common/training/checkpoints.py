@@ -13,7 +13,7 @@ from monai.config import PathLike
 
 from common.io.writers import atomic_write
 
-__all__ = ["BestWeights", "TrainingCheckpoint", "latest_checkpoint"]
+__all__ = ["BestWeights", "TrainingCheckpoint", "held_in", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,19 @@ def latest_checkpoint(folder: PathLike, pattern: str = "checkpoint*.pt") -> str:
     paths = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
     reached = [(it, str(p)) for p in paths if (it := _trainer_iteration(p)) is not None]
     return max(reached)[1] if reached else ""
+
+
+def held_in(path: PathLike, load_dict: dict) -> dict:
+    """The entries of ``load_dict`` that the checkpoint at ``path`` holds. A state shipped without the optimizer's
+    moments (to keep it a few MB) resumes with the optimizer started afresh, which is said in the log, instead of
+    failing; without the network or trainer it is no training state at all, a clear error."""
+    held = set(torch.load(path, map_location="cpu", weights_only=True))
+    missing = [name for name in load_dict if name not in held]
+    if "network" in missing or "trainer" in missing:
+        raise ValueError(f"{path} is not a training state: it lacks {', '.join(missing)}.")
+    if missing:
+        logger.warning(f"{path} holds no {', '.join(missing)}: resuming with them started afresh")
+    return {name: obj for name, obj in load_dict.items() if name in held}
 
 
 class TrainingCheckpoint:
