@@ -214,7 +214,8 @@ class RegistrationObjective(nn.Module):
             available["moving"] = self.smooth_images(available["moving"])
         if "warped" not in available and "moving" in available and "ddf" in available and self.needs("warped"):
             available["warped"] = warp(available["moving"], available["ddf"])
-        if "fixed_mask" in available or "moving_mask" in available:
+        reads_mask = any("mask" in getattr(term, "optional_inputs", ()) for term in active.values())
+        if reads_mask and ("fixed_mask" in available or "moving_mask" in available):
             available["mask"] = pair_mask(available["ddf"], available.get("fixed_mask"), available.get("moving_mask"))
         values = {}
         for name, term in active.items():
