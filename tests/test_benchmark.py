@@ -231,3 +231,30 @@ def test_moved_pair_keeps_the_whole_head_in_view_and_the_exact_inverse_brings_it
         np.mean([2 * ((back == k) & (labels == k)).sum() / ((back == k).sum() + (labels == k).sum()) for k in (2, 3)])
         > 0.97
     )
+
+
+def test_style_evaluation_compares_each_output_voxel_with_the_same_target_voxel(shared_data):
+    """The style-network evaluation pads, runs and crops without shifting the image: a network that returns its input
+    scores after exactly as before (a T1-like input near the target, a T2-like one anti-correlated), and a network
+    that returns one smooth brain for every contrast scores worse than a T1-like input in correlation."""
+    import torch
+
+    from benchmarks.style_transfer import evaluate
+
+    class Identity(torch.nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            if any(s % 8 for s in image.shape[2:]):
+                raise ValueError("not padded")
+            return image
+
+    class Blob(torch.nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.avg_pool3d((image > 0.05).float(), 9, stride=1, padding=4) * 0.7
+
+    rows = {r["contrast"]: r for r in evaluate(Identity(), shared_data, ["t1", "t2"], (13,), 8)}
+    for row in rows.values():
+        assert row["l1_after"] == pytest.approx(row["l1_before"], abs=1e-6)
+        assert row["correlation_after"] == pytest.approx(row["correlation_before"], abs=1e-6)
+    assert rows["t1"]["correlation_before"] > 0.95 and rows["t2"]["correlation_before"] < -0.5
+    blob = evaluate(Blob(), shared_data, ["t1"], (13,), 8)[0]
+    assert blob["correlation_after"] < rows["t1"]["correlation_before"] - 0.2
