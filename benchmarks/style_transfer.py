@@ -23,7 +23,14 @@ import torch
 import torch.nn as nn
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from benchmarks.make_sample import DEFAULT_DATA, REPO_ROOT, downsample_image, downsample_labels, label_map_path, load_labels
+from benchmarks.make_sample import (
+    DEFAULT_DATA,
+    REPO_ROOT,
+    downsample_image,
+    downsample_labels,
+    label_map_path,
+    load_labels,
+)
 from common.networks import BrainIDSynthesizer, load_weights
 from common.synthesis import CONTRASTS, render_contrast
 from common.training import HELD_OUT_SUBJECTS
