@@ -248,6 +248,12 @@ def test_label_to_contrast_renders_each_key_in_its_named_contrast_every_time(pha
     np.testing.assert_array_equal(out["fixed"][0].numpy(), render_contrast(phantom, "t2", seed=6))
     with pytest.raises(ValueError, match="one image key and one contrast"):
         LabelToContrastd(["a", "b"], ["x"], ["t1", "t2"])
+    mixed = LabelToContrastd("fixed_label", "fixed", contrast_key="contrast", seed=6)
+    for contrast in ("t2", "pd"):
+        image = mixed({"fixed_label": labels, "contrast": contrast})["fixed"][0].numpy()
+        np.testing.assert_array_equal(image, render_contrast(phantom, contrast, seed=6))
+    with pytest.raises(ValueError, match="either contrasts"):
+        LabelToContrastd("a", "x", ["t1"], contrast_key="contrast")
 
 
 def test_t1_only_prior_draws_give_t1_like_images_that_still_vary(phantom):

@@ -139,19 +139,24 @@ class LabelToContrastd(MapTransform, Transform):
         image_keys: where to write each key's image ``[1, X, Y, Z]`` (float32 in ``[0, 1]``).
         contrasts: the contrast of each key (``"t1"``, ``"t2"``, ``"flair"`` or ``"pd"``).
         seed: seed of the first key's rendering; the next keys use ``seed + 1``, ``seed + 2``...
+        contrast_key: where each item names the contrast of all its keys instead (a validation list that mixes
+            contrasts); ``contrasts`` is then left out.
     """
 
     def __init__(
         self,
         keys: KeysCollection,
         image_keys: KeysCollection,
-        contrasts: Sequence[str],
+        contrasts: Sequence[str] = (),
         seed: int = 0,
+        contrast_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.image_keys, self.contrasts = ensure_tuple(image_keys), tuple(contrasts)
-        if not len(self.image_keys) == len(self.contrasts) == len(self.keys):
+        self.image_keys, self.contrasts, self.contrast_key = ensure_tuple(image_keys), tuple(contrasts), contrast_key
+        if (contrast_key is None) != bool(self.contrasts):
+            raise ValueError("give either contrasts (one per label key) or contrast_key, not both.")
+        if len(self.image_keys) != len(self.keys) or (self.contrasts and len(self.contrasts) != len(self.keys)):
             raise ValueError(f"one image key and one contrast per label key ({len(self.keys)}).")
         self.seed = seed
 
@@ -161,6 +166,7 @@ class LabelToContrastd(MapTransform, Transform):
             if key not in d:
                 continue
             labels = convert_to_tensor(d[key], track_meta=False)
-            image = render_contrast(labels[0].round().long(), self.contrasts[i], seed=self.seed + i)
+            contrast = self.contrasts[i] if self.contrasts else d[self.contrast_key]
+            image = render_contrast(labels[0].round().long(), contrast, seed=self.seed + i)
             d[self.image_keys[i]] = image[None]
         return d
