@@ -232,6 +232,21 @@ def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engi
     _, kept, decisions = transfer(t1, t1.clone(), (2.0, 2.0, 2.0))
     assert decisions["style_transfer"] is False and torch.equal(kept, t1) and synth.calls == 2
 
+    class Oracle(torch.nn.Module):
+        """Returns the T1 rendering whatever it is given: a perfect synthesizer for this anatomy."""
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return t1
+
+    auto = GatedStyleTransfer(Oracle(), ContrastGate(), transfer="auto")
+    kept, _, decisions = auto(t1, t2, (2.0, 2.0, 2.0))
+    assert decisions["transferred"] == "moving" and torch.equal(kept, t1), decisions
+    assert decisions["fixed_t1_correlation"] > 0.6 > decisions["moving_t1_correlation"]
+    _, _, decisions = auto(t2, 1 - t1, (2.0, 2.0, 2.0))  # neither is T1-like
+    assert decisions["transferred"] == "both", decisions
+    with pytest.raises(ValueError, match="needs a gate"):
+        GatedStyleTransfer(Oracle(), None, transfer="auto")
+
     seen = {}
 
     class Record(torch.nn.Module):
@@ -252,6 +267,19 @@ def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engi
     assert result.stats.decisions["style_transfer"] is True
     fixed_seen, moving_seen = seen["pair"]
     assert torch.corrcoef(torch.stack([fixed_seen.flatten(), moving_seen.flatten()]))[0, 1] > 0.5  # now alike
+    # with objective_pair="original" only the network sees the transferred pair; the objective, the images themselves
+    TestTimeOptimizationInferer(
+        network,
+        objective,
+        iterations=1,
+        time_budget_s=None,
+        multiple=16,
+        progress=False,
+        pair_transform=transfer,
+        objective_pair="original",
+    )(t1 * 100, t2 * 100, (1.0, 1.0, 1.0))
+    assert torch.allclose(seen["pair"][0], 1 - fixed_seen, atol=1e-6)
+    assert torch.allclose(seen["pair"][1], 1 - moving_seen, atol=1e-6)
 
 
 def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_it_decided(tmp_path):

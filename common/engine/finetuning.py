@@ -58,6 +58,9 @@ class TestTimeOptimizationInferer(Inferer):
         pair_transform: ``(fixed, moving, spacing) -> (fixed, moving, decisions)`` applied once to the pair on the
             working grid before anything else sees it (e.g. :class:`~common.engine.GatedStyleTransfer`); the network
             and the objective get its output, the decisions go to the result's stats.
+        objective_pair: what the objective compares: the ``"transformed"`` pair (as the network sees it) or the
+            ``"original"`` one (the network alone sees the transform's output: e.g. a frozen backbone gets a
+            style-transferred pair while the similarity keeps every detail of the images themselves).
     """
 
     def __init__(
@@ -73,8 +76,12 @@ class TestTimeOptimizationInferer(Inferer):
         progress: bool = True,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pair_transform: nn.Module | None = None,
+        objective_pair: str = "transformed",
     ) -> None:
         super().__init__()
+        if objective_pair not in ("transformed", "original"):
+            raise ValueError(f"objective_pair must be transformed or original, got {objective_pair!r}.")
+        self.objective_pair = objective_pair
         self.network = network
         self.objective, self.iterations, self.time_budget_s = objective, iterations, time_budget_s
         if warmup_steps < 0:
@@ -108,10 +115,13 @@ class TestTimeOptimizationInferer(Inferer):
             if mask is not None
         }
         stats = RegistrationStats(iterations=[0], grid=list(grid))
+        images = {"fixed": fixed_w, "moving": moving_w}
         if self.pair_transform is not None:
             working_spacing = [s * n / g for s, n, g in zip(spacing, shape, grid)]
             self.pair_transform.to(fixed.device)
             fixed_w, moving_w, stats.decisions = self.pair_transform(fixed_w, moving_w, working_spacing)
+        if self.objective_pair == "transformed":
+            images = {"fixed": fixed_w, "moving": moving_w}
         pair = torch.cat([moving_w, fixed_w], dim=1)
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
@@ -126,7 +136,7 @@ class TestTimeOptimizationInferer(Inferer):
                 fields = model(pair)
                 stages = fields if isinstance(fields, (list, tuple)) else None
                 ddf = fields[-1] if stages is not None else fields
-                loss = self.objective(ddf=ddf, stage_ddfs=stages, fixed=fixed_w, moving=moving_w, **masks)
+                loss = self.objective(ddf=ddf, stage_ddfs=stages, **images, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()

@@ -71,13 +71,18 @@ class GatedStyleTransfer(nn.Module):
         synthesizer: image ``[1, 1, X, Y, Z]`` -> T1-like image (e.g. :class:`~common.networks.BrainIDSynthesizer`);
             frozen here. None: the pair is never transferred.
         gate: a :class:`ContrastGate`; None: transfer whenever there is a synthesizer.
-        transfer: which images go through the synthesizer: ``"both"``, ``"fixed"`` or ``"moving"``.
+        transfer: which images go through the synthesizer: ``"both"``, ``"fixed"``, ``"moving"``, or ``"auto"``:
+            both are transferred, and the one the gate finds closer in contrast to its own transfer keeps its original
+            intensities when that correlation passes the gate's threshold (it is T1-like already, and the
+            synthesizer would only blur it); otherwise both are replaced.
     """
 
     def __init__(self, synthesizer: nn.Module | None, gate: ContrastGate | None = None, transfer: str = "both") -> None:
         super().__init__()
-        if transfer not in ("both", "fixed", "moving"):
-            raise ValueError(f"transfer must be both, fixed or moving, got {transfer!r}.")
+        if transfer not in ("both", "fixed", "moving", "auto"):
+            raise ValueError(f"transfer must be both, fixed, moving or auto, got {transfer!r}.")
+        if transfer == "auto" and gate is None:
+            raise ValueError("transfer='auto' needs a gate: its threshold decides which image is T1-like already.")
         self.synthesizer = synthesizer.requires_grad_(False).eval() if synthesizer is not None else None
         self.gate, self.transfer = gate, transfer
 
@@ -89,18 +94,32 @@ class GatedStyleTransfer(nn.Module):
 
     def forward(
         self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float | bool]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float | bool | str]]:
         """``(fixed, moving, decisions)`` for images ``[1, 1, X, Y, Z]`` in ``[0, 1]`` on one grid of voxel size
-        ``spacing`` (mm); ``decisions`` holds ``style_transfer`` and the gate's ``contrast_correlation``."""
-        decisions: dict[str, float | bool] = {}
+        ``spacing`` (mm); ``decisions`` holds ``style_transfer``, the gate's ``contrast_correlation`` and, when the
+        pair was transferred, which images were (``transferred``; with ``"auto"`` also each image's correlation with
+        its own transfer, ``fixed_t1_correlation`` and ``moving_t1_correlation``)."""
+        decisions: dict[str, float | bool | str] = {}
         transfer = self.synthesizer is not None
         if transfer and self.gate is not None:
             transfer, decisions["contrast_correlation"] = self.gate(fixed, moving, spacing)
         decisions["style_transfer"] = transfer
-        if transfer:
-            with torch.no_grad():
-                if self.transfer in ("both", "fixed"):
-                    fixed = self.synthesizer(fixed).clamp(0, 1)
-                if self.transfer in ("both", "moving"):
-                    moving = self.synthesizer(moving).clamp(0, 1)
-        return fixed, moving, decisions
+        if not transfer:
+            return fixed, moving, decisions
+        with torch.no_grad():
+            images = {"fixed": fixed, "moving": moving}
+            names = ("fixed", "moving") if self.transfer in ("both", "auto") else (self.transfer,)
+            transferred = {name: self.synthesizer(images[name]).clamp(0, 1) for name in names}
+        if self.transfer == "auto":
+            likeness = {name: self._likeness(images[name], transferred[name], spacing) for name in names}
+            decisions.update({f"{name}_t1_correlation": value for name, value in likeness.items()})
+            kept = max(likeness, key=likeness.get)
+            if likeness[kept] >= self.gate.threshold:
+                del transferred[kept]
+        decisions["transferred"] = "both" if len(transferred) == 2 else next(iter(transferred))
+        images.update(transferred)
+        return images["fixed"], images["moving"], decisions
+
+    def _likeness(self, image: torch.Tensor, transferred: torch.Tensor, spacing: Sequence[float]) -> float:
+        """The gate's correlation of an image with its own transfer: high when the image is T1-like already."""
+        return self.gate(image, transferred, spacing)[1]
