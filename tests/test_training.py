@@ -276,11 +276,12 @@ def test_tto_kd_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
 VFA_ADAPTER = REPO / "bundles" / "vfa_brainid_adapter" / "configs"
 
 
-def test_the_adapter_backbone_and_style_network_train_resume_and_load_into_the_inference_config(tmp_path):
+def test_the_adapter_networks_train_resume_and_load_into_the_inference_config(tmp_path):
     """Two tiny runs of each of vfa_brainid_adapter's training configs: the VFA backbone on T1-like pairs (val_dice
     on the curve) and the Brain-ID style network (PSNR against the T1 rendering, and the input's own error beside
     it); each resumes (the backbone also from a state without the optimizer's), and its weights load into the
-    inference config's network of the official layout."""
+    inference config's network of the official layout. Then the refiners' pretraining on the pairs as the adapter
+    sees them (through those two networks): only the refiners change, and they load into the inference config."""
     backbone_dir, synth_dir = tmp_path / "backbone", tmp_path / "synth"
     for epochs in (1, 2):
         _run(
@@ -311,3 +312,16 @@ def test_the_adapter_backbone_and_style_network_train_resume_and_load_into_the_i
     backbone = parser.get_parsed_content("network_def").backbone
     assert sum(p.numel() for p in backbone.parameters()) == 2_014_827  # the official VFA size
     assert parser.get_parsed_content("style_transfer").synthesizer is not None
+
+    refiner_dir, refined = tmp_path / "refiners", []
+    weights = {k: parser[k] for k in ("backbone_weights", "synth_weights")}
+    for epochs in (1, 2):
+        values = {**_tto_kd_values(refiner_dir, epochs), **weights, "gate#mode": "always"}
+        _run(str(VFA_ADAPTER / "train_refiners.json"), refiner_dir, epochs, [sys.executable], values)
+        refined.append(torch.load(refiner_dir / "models" / "refiners.pt", map_location="cpu", weights_only=True))
+    assert [r["iteration"] for r in _curve(refiner_dir)] == ["2.0", "4.0"]
+    assert all(float(r["val_dice"]) > 0 for r in _curve(refiner_dir))
+    assert any(not torch.equal(refined[0][k], refined[1][k]) for k in refined[0])
+    parser["refiner_weights"] = str(refiner_dir / "models" / "refiners.pt")
+    loaded = parser.get_parsed_content("network_def").refiner.state_dict()
+    assert loaded.keys() == refined[1].keys() and all(torch.equal(loaded[k], refined[1][k]) for k in loaded)

@@ -11,7 +11,7 @@ from .curves import TrainingCurve
 from .data import HELD_OUT_SUBJECTS, label_maps, select_subjects
 from .distributed import on_rank
 from .reference import ReferenceDisplacementd
-from .registration import PairDiceIteration, PairRegistrationIteration, ordered_pairs
+from .registration import PairDiceIteration, PairRegistrationIteration, TransformedPair, ordered_pairs
 
 __all__ = [
     "HELD_OUT_SUBJECTS",
@@ -25,6 +25,7 @@ __all__ = [
     "RetrievalIteration",
     "TrainingCheckpoint",
     "TrainingCurve",
+    "TransformedPair",
     "corresponding_parts",
     "held_in",
     "label_maps",

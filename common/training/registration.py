@@ -12,7 +12,7 @@ from ignite.engine import Engine
 from common.metrics.overlap import dice_per_label, mean_dict
 from common.spatial.fields import warp
 
-__all__ = ["PairDiceIteration", "PairRegistrationIteration", "ordered_pairs"]
+__all__ = ["PairDiceIteration", "PairRegistrationIteration", "TransformedPair", "ordered_pairs"]
 
 
 def ordered_pairs(label_maps: Sequence[str]) -> list[dict[str, str]]:
@@ -26,8 +26,46 @@ def _pair(engine: Engine, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tens
     return torch.cat([moving, fixed], dim=1), fixed, moving
 
 
+def _stages(output: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """``(ddf, stage_ddfs)`` of a network's output: one field, or one per refinement stage (coarse to fine, the last
+    is the result; ``stage_ddfs`` None for a single field)."""
+    if isinstance(output, (list, tuple)):
+        return output[-1], list(output)
+    return output, None
+
+
+class TransformedPair(nn.Module):
+    """A pair network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf`` called on the pair after ``pair_transform`` ``(fixed,
+    moving, spacing) -> (fixed, moving, decisions)`` (e.g. :class:`~common.engine.GatedStyleTransfer`), one pair at a
+    time: the network trains on what it sees at inference, while the training objective still compares the
+    original images (the batch's). Only ``network`` is saved by a training config (``network_def``); the transform is
+    rebuilt from its own weights.
+
+    Args:
+        network: the network trained.
+        pair_transform: the transform, frozen (its modules' parameters are left out of the gradient).
+        spacing_mm: the voxel size of the training grid (mm), which the transform is told.
+    """
+
+    def __init__(self, network: nn.Module, pair_transform: nn.Module, spacing_mm: float) -> None:
+        super().__init__()
+        if spacing_mm <= 0:
+            raise ValueError(f"spacing_mm must be positive, got {spacing_mm}.")
+        self.network, self.pair_transform = network, pair_transform.requires_grad_(False)
+        self.spacing = [float(spacing_mm)] * 3
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        transformed = []
+        for item in pair.split(1):
+            fixed, moving, _ = self.pair_transform(item[:, 1:], item[:, :1], self.spacing)
+            transformed.append(torch.cat([moving, fixed], dim=1))
+        return self.network(torch.cat(transformed))
+
+
 class PairRegistrationIteration:
-    """One training step of a network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]`` (voxels).
+    """One training step of a network ``[B, 2, X, Y, Z] (moving, fixed) -> ddf [B, 3, X, Y, Z]`` (voxels), or a list of
+    such fields, one per refinement stage (coarse to fine; the objective gets them as ``stage_ddfs``, the last as
+    ``ddf``).
 
     The loss is ``engine.loss_function(ddf=..., fixed=..., moving=..., teacher_ddf=..., **known)``
     (a :class:`common.losses.RegistrationObjective`); with a ``teacher`` (a trained network, frozen by
@@ -50,8 +88,9 @@ class PairRegistrationIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         known = {k: batch[k].to(fixed.device) for k in self.known_keys if k in batch}
+        ddf, stages = _stages(engine.network(pair))
         loss = engine.loss_function(
-            ddf=engine.network(pair), fixed=fixed, moving=moving, teacher_ddf=teacher_ddf, **known
+            ddf=ddf, stage_ddfs=stages, fixed=fixed, moving=moving, teacher_ddf=teacher_ddf, **known
         )
         loss.backward()
         engine.optimizer.step()
@@ -60,13 +99,14 @@ class PairRegistrationIteration:
 
 class PairDiceIteration:
     """One validation step: mean Dice between the fixed label map and the moving one warped (nearest neighbour) by the
-    network's displacement, over the labels present in both; also the Dice before registration."""
+    network's displacement (the last stage's, for a network of several), over the labels present in both; also the Dice
+    before registration."""
 
     def __call__(self, engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         pair, _, _ = _pair(engine, batch)
         engine.network.eval()
         with torch.no_grad():
-            ddf = engine.network(pair)
+            ddf = _stages(engine.network(pair))[0]
             moving_label = batch["moving_label"].to(ddf.device).float()
             warped = warp(moving_label, ddf, mode="nearest")
         fixed_label = batch["fixed_label"]
