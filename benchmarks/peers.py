@@ -171,10 +171,10 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "node_contrastive_untrained": lambda args: run_bundle(
         args, "node_contrastive", **{"descriptor_weights": "", **args.overrides}
     ),
-    # the Neural ODE bundles with their preset for scans of one subject
+    # the bundles with a preset for scans of one subject
     **{
         f"{bundle}_longitudinal": lambda args, bundle=bundle: run_bundle(args, bundle, "longitudinal", **args.overrides)
-        for bundle in ("node_mind", "node_lmi", "node_contrastive")
+        for bundle in ("node_mind", "node_lmi", "node_contrastive", "vfa_brainid_adapter")
     },
     # tto_kd as released (the student fine-tuned on the pair), and its two networks alone, without test-time steps
     "tto_kd": lambda args: run_bundle(args, "tto_kd", **args.overrides),

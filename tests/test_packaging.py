@@ -58,8 +58,8 @@ def test_each_built_config_is_its_bases_and_delta_merged():
                 assert built.get(key) == listed.get(key), f"{delta}: {key}"
 
 
-@pytest.mark.parametrize("bundle", ["node_mind", "node_lmi", "node_contrastive"])
-def test_the_longitudinal_preset_changes_existing_settings_of_each_neural_ode_bundle(bundle):
+@pytest.mark.parametrize("bundle", ["node_mind", "node_lmi", "node_contrastive", "vfa_brainid_adapter"])
+def test_the_longitudinal_preset_changes_existing_settings_of_each_bundle_that_has_one(bundle):
     """Every key of ``configs/longitudinal.json`` names a setting the bundle's inference config has (a mistyped key
     would add an unused setting and change nothing), and the merged config builds a rigid-only affine stage."""
     preset = json.loads((_configs(bundle) / "longitudinal.json").read_text())

@@ -156,10 +156,12 @@ def test_the_refiners_similarity_compares_each_stage_only_inside_the_masks():
         MaskedVoxelMean(reference)
 
 
-def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap():
+@pytest.mark.parametrize("amp, with_backbone", [(False, True), (True, True), (False, False)])
+def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap(amp, with_backbone):
     """A tiny untrained VFA, frozen, gives the first field once per pair; 40 steps of the per-pair optimisation of the
     refiners (LNCC with a Gaussian window at every stage + diffusion, 10-step warm-up) raise Dice on a phantom pair
-    with a known smooth deformation, and leave the backbone's weights as they were."""
+    with a known smooth deformation, and leave the backbone's weights as they were; so do they with the networks in
+    bfloat16 (``amp``), and from the identity without a backbone (the longitudinal preset)."""
     from monai.losses import LocalNormalizedCrossCorrelationLoss
 
     from common.engine import TestTimeOptimizationInferer
@@ -178,7 +180,8 @@ def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap
     calls = []
     backbone.register_forward_hook(lambda *args: calls.append(1))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    adapter = FrozenBackboneAdapter(backbone, ProgressiveRefiner(scales=(4, 2, 1), channels=(8, 16)))
+    refiner = ProgressiveRefiner(scales=(4, 2, 1), channels=(8, 16))
+    adapter = FrozenBackboneAdapter(backbone if with_backbone else None, refiner)
     similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=7, kernel_type="gaussian")
     objective = RegistrationObjective(
         {"lncc": StageSimilarity(similarity), "diffusion": DisplacementSmoothnessLoss()},
@@ -193,12 +196,14 @@ def test_the_adapter_refines_a_frozen_backbone_per_pair_and_improves_the_overlap
         warmup_steps=10,
         multiple=16,
         progress=False,
+        amp=amp,
     )
     result = inferer(fixed, moving, (1.0, 1.0, 1.0))
+    assert result.ddf.dtype == torch.float32
     warped = warp(moved[None, None].float(), result.ddf, mode="nearest")[0, 0]
     dice_before, dice_after = (mean_dict(dice_per_label(x, labels)) for x in (moved, warped))
     assert dice_after > dice_before + 0.02, (dice_before, dice_after)
-    assert len(calls) == 1  # once per pair: the optimisation and the final field reuse it
+    assert len(calls) == int(with_backbone)  # once per pair: the optimisation and the final field reuse it
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 

@@ -61,6 +61,9 @@ class TestTimeOptimizationInferer(Inferer):
         objective_pair: what the objective compares: the ``"transformed"`` pair (as the network sees it) or the
             ``"original"`` one (the network alone sees the transform's output: e.g. a frozen backbone gets a
             style-transferred pair while the similarity keeps every detail of the images themselves).
+        amp: run the network under ``torch.autocast`` in bfloat16 (its convolutions; the fields it returns, the
+            objective and the optimiser stay in float32): about half the network's time on CPUs with bfloat16
+            instructions and on recent GPUs.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class TestTimeOptimizationInferer(Inferer):
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pair_transform: nn.Module | None = None,
         objective_pair: str = "transformed",
+        amp: bool = False,
     ) -> None:
         super().__init__()
         if objective_pair not in ("transformed", "original"):
@@ -91,6 +95,13 @@ class TestTimeOptimizationInferer(Inferer):
         self.progress = progress
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
         self.pair_transform = pair_transform
+        self.amp = amp
+
+    def _fields(self, model: nn.Module, pair: torch.Tensor) -> list[torch.Tensor]:
+        """The network's fields for ``pair``, one per stage (one for a single-stage network), in float32."""
+        with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            fields = model(pair)
+        return [f.float() for f in fields] if isinstance(fields, (list, tuple)) else [fields.float()]
 
     def __call__(  # type: ignore[override]
         self,
@@ -133,10 +144,8 @@ class TestTimeOptimizationInferer(Inferer):
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
-                fields = model(pair)
-                stages = fields if isinstance(fields, (list, tuple)) else None
-                ddf = fields[-1] if stages is not None else fields
-                loss = self.objective(ddf=ddf, stage_ddfs=stages, **images, **masks)
+                fields = self._fields(model, pair)
+                loss = self.objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()
@@ -155,6 +164,5 @@ class TestTimeOptimizationInferer(Inferer):
             stats.iterations, stats.final_loss = [engine.state.iteration], best.loss
         stats.stage_time_s = [time.perf_counter() - start]
         with torch.no_grad():
-            ddf = model.eval()(pair)
-            ddf = ddf[-1] if isinstance(ddf, (list, tuple)) else ddf
+            ddf = self._fields(model.eval(), pair)[-1]
             return RegistrationResult(resize_ddf(ddf, shape), stats, resize_ddf(invert_ddf(ddf), shape))

@@ -16,24 +16,32 @@ class FrozenBackboneAdapter(nn.Module):
 
     The frozen ``backbone`` ``(fixed, moving) -> ddf`` registers the pair once per input tensor (the per-pair
     optimisation calls this module on the same pair at every step), and ``refiner`` refines its field: only the
-    refiner has trainable parameters. A style transfer, when the contrasts differ, happens before, on the pair itself
-    (:class:`~common.engine.GatedStyleTransfer`), so that the refiners' similarity sees the transferred pair too.
+    refiner has trainable parameters. Without a backbone the refiners start from the identity (scans of one subject,
+    whose small differences a backbone trained on pairs of different subjects would exaggerate). A style transfer,
+    when the contrasts differ, happens before, on the pair itself (:class:`~common.engine.GatedStyleTransfer`), so
+    that the refiners' similarity sees the transferred pair too.
 
     Args:
-        backbone: a mono-modal registration network, frozen here (e.g. :class:`~common.networks.VFA`).
+        backbone: a mono-modal registration network, frozen here (e.g. :class:`~common.networks.VFA`); None: the
+            identity.
         refiner: the per-pair trainable part (:class:`~common.networks.ProgressiveRefiner`).
     """
 
-    def __init__(self, backbone: nn.Module, refiner: ProgressiveRefiner) -> None:
+    def __init__(self, backbone: nn.Module | None, refiner: ProgressiveRefiner) -> None:
         super().__init__()
-        self.backbone, self.refiner = backbone.requires_grad_(False).eval(), refiner
+        self.backbone = None if backbone is None else backbone.requires_grad_(False).eval()
+        self.refiner = refiner
         self._initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def initial_field(self, pair: torch.Tensor) -> torch.Tensor:
         """The backbone's field for ``pair``, computed once per pair tensor."""
         if self._initial is None or self._initial[0] is not pair:
             with torch.no_grad():
-                self._initial = (pair, self.backbone(pair[:, 1:], pair[:, :1]))
+                if self.backbone is None:
+                    ddf = pair.new_zeros(pair.shape[0], 3, *pair.shape[2:])
+                else:
+                    ddf = self.backbone(pair[:, 1:], pair[:, :1])
+                self._initial = (pair, ddf)
         return self._initial[1]
 
     def forward(self, pair: torch.Tensor) -> list[torch.Tensor]:
@@ -41,5 +49,6 @@ class FrozenBackboneAdapter(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenBackboneAdapter:
         super().train(mode)
-        self.backbone.eval()  # frozen: keeps its inference behaviour (normalisation statistics)
+        if self.backbone is not None:
+            self.backbone.eval()  # frozen: keeps its inference behaviour (normalisation statistics)
         return self
