@@ -30,6 +30,18 @@ def _small_unet() -> torch.nn.Module:
     return DisplacementUNet((8, 8, 8, 8, 8, 8), unet_out_channels=8, final_conv_channels=(8,))  # near the identity
 
 
+def test_amp_is_a_switch_or_auto_and_auto_follows_the_hardware(monkeypatch):
+    from common.engine import native_bfloat16
+
+    loss = _objective(ncc=1.0)
+    with pytest.raises(ValueError, match="amp must be"):
+        TestTimeOptimizationInferer(_small_unet(), loss, amp="bf16")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False})
+    assert not native_bfloat16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert native_bfloat16(torch.device("cpu"))
+
+
 def test_working_grid_is_a_multiple_of_16_at_the_requested_voxel_size():
     assert working_shape((160, 192, 144), (1.0, 1.0, 1.0), None, 16) == (160, 192, 144)
     assert working_shape((161, 190, 7), (1.0, 1.0, 1.0), None, 16) == (176, 192, 16)

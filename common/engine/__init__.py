@@ -1,5 +1,5 @@
 from .affine import AffineRegistration, AffineResult
-from .finetuning import TestTimeOptimizationInferer, working_shape
+from .finetuning import TestTimeOptimizationInferer, native_bfloat16, working_shape
 from .gate import ContrastGate, GatedStyleTransfer, local_correlation
 from .optimizer import BestState, adam, create_pair_engine
 from .protocols import (
@@ -30,5 +30,6 @@ __all__ = [
     "create_pair_engine",
     "downsample_image",
     "local_correlation",
+    "native_bfloat16",
     "working_shape",
 ]

@@ -21,6 +21,17 @@ from .protocols import RegistrationResult, RegistrationStats
 from .registration import downsample_image
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU that supports it without emulation, or a CPU with
+    AVX-512 BF16, AMX or Arm's BF16 instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.10; before it, assume none
+    if device.type == "cpu" and capabilities is not None:
+        return any(capabilities().get(flag, False) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+    return False
+
+
 def working_shape(
     shape: Sequence[int], spacing: Sequence[float], spacing_mm: float | None, multiple: int
 ) -> tuple[int, ...]:
@@ -62,8 +73,8 @@ class TestTimeOptimizationInferer(Inferer):
             ``"original"`` one (the network alone sees the transform's output: e.g. a frozen backbone gets a
             style-transferred pair while the similarity keeps every detail of the images themselves).
         amp: run the network under ``torch.autocast`` in bfloat16 (its convolutions; the fields it returns, the
-            objective and the optimiser stay in float32): about half the network's time on CPUs with bfloat16
-            instructions and on recent GPUs.
+            objective and the optimiser stay in float32): about half the network's time where the device computes
+            bfloat16 natively; ``"auto"``: only there (:func:`native_bfloat16`), since emulated it is slower.
     """
 
     def __init__(
@@ -80,9 +91,11 @@ class TestTimeOptimizationInferer(Inferer):
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pair_transform: nn.Module | None = None,
         objective_pair: str = "transformed",
-        amp: bool = False,
+        amp: bool | str = False,
     ) -> None:
         super().__init__()
+        if amp not in (True, False, "auto"):
+            raise ValueError(f"amp must be true, false or 'auto', got {amp!r}.")
         if objective_pair not in ("transformed", "original"):
             raise ValueError(f"objective_pair must be transformed or original, got {objective_pair!r}.")
         self.objective_pair = objective_pair
@@ -99,7 +112,8 @@ class TestTimeOptimizationInferer(Inferer):
 
     def _fields(self, model: nn.Module, pair: torch.Tensor) -> list[torch.Tensor]:
         """The network's fields for ``pair``, one per stage (one for a single-stage network), in float32."""
-        with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        enabled = native_bfloat16(pair.device) if self.amp == "auto" else bool(self.amp)
+        with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=enabled):
             fields = model(pair)
         return [f.float() for f in fields] if isinstance(fields, (list, tuple)) else [fields.float()]
 
