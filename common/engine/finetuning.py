@@ -14,7 +14,7 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.losses.objective import RegistrationObjective
-from common.spatial.fields import invert_ddf, resize_ddf
+from common.spatial.fields import invert_ddf, resize_ddf, stage_fields
 
 from .optimizer import BestState, adam, create_pair_engine
 from .protocols import RegistrationResult, RegistrationStats
@@ -115,7 +115,7 @@ class TestTimeOptimizationInferer(Inferer):
         enabled = native_bfloat16(pair.device) if self.amp == "auto" else bool(self.amp)
         with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=enabled):
             fields = model(pair)
-        return [f.float() for f in fields] if isinstance(fields, (list, tuple)) else [fields.float()]
+        return [f.float() for f in stage_fields(fields)]
 
     def __call__(  # type: ignore[override]
         self,

@@ -34,7 +34,7 @@ class FrozenBackboneAdapter(nn.Module):
         self._initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def initial_field(self, pair: torch.Tensor) -> torch.Tensor:
-        """The backbone's field for ``pair``, computed once per pair tensor."""
+        """The backbone's field for ``pair`` (zero without a backbone), computed once per pair tensor."""
         if self._initial is None or self._initial[0] is not pair:
             with torch.no_grad():
                 if self.backbone is None:

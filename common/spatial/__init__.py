@@ -3,6 +3,7 @@ from .fields import (
     jacobian_determinant,
     resize_ddf,
     scaling_and_squaring,
+    stage_fields,
     warp,
 )
 from .grids import identity_grid, scaled_shape
@@ -31,6 +32,7 @@ __all__ = [
     "sample_at",
     "scaled_shape",
     "scaling_and_squaring",
+    "stage_fields",
     "warp",
     "warp_at",
 ]

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF
 
 
+def stage_fields(output: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A registration network's output as its fields, one per stage, coarse to fine (a single field: a list of one);
+    the last is the result."""
+    return list(output) if isinstance(output, (list, tuple)) else [output]
+
+
 @lru_cache(maxsize=8)
 def _normalised_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Voxel centres of ``shape`` in ``grid_sample``'s corner-aligned [-1, 1] coordinates, array axis order:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ignite.engine import Engine
 
 from common.metrics.overlap import dice_per_label, mean_dict
-from common.spatial.fields import warp
+from common.spatial.fields import stage_fields, warp
 
 __all__ = ["PairDiceIteration", "PairRegistrationIteration", "TransformedPair", "ordered_pairs"]
 
@@ -24,14 +24,6 @@ def _pair(engine: Engine, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tens
     """``(network input [B, 2, X, Y, Z] = (moving, fixed), fixed, moving)`` on the engine's device."""
     moving, fixed = (batch[k].to(engine.state.device, non_blocking=engine.non_blocking) for k in ("moving", "fixed"))
     return torch.cat([moving, fixed], dim=1), fixed, moving
-
-
-def _stages(output: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """``(ddf, stage_ddfs)`` of a network's output: one field, or one per refinement stage (coarse to fine, the last
-    is the result; ``stage_ddfs`` None for a single field)."""
-    if isinstance(output, (list, tuple)):
-        return output[-1], list(output)
-    return output, None
 
 
 class TransformedPair(nn.Module):
@@ -88,9 +80,9 @@ class PairRegistrationIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         known = {k: batch[k].to(fixed.device) for k in self.known_keys if k in batch}
-        ddf, stages = _stages(engine.network(pair))
+        stages = stage_fields(engine.network(pair))
         loss = engine.loss_function(
-            ddf=ddf, stage_ddfs=stages, fixed=fixed, moving=moving, teacher_ddf=teacher_ddf, **known
+            ddf=stages[-1], stage_ddfs=stages, fixed=fixed, moving=moving, teacher_ddf=teacher_ddf, **known
         )
         loss.backward()
         engine.optimizer.step()
@@ -106,7 +98,7 @@ class PairDiceIteration:
         pair, _, _ = _pair(engine, batch)
         engine.network.eval()
         with torch.no_grad():
-            ddf = _stages(engine.network(pair))[0]
+            ddf = stage_fields(engine.network(pair))[-1]
             moving_label = batch["moving_label"].to(ddf.device).float()
             warped = warp(moving_label, ddf, mode="nearest")
         fixed_label = batch["fixed_label"]
