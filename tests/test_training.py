@@ -19,7 +19,7 @@ from common.metrics.overlap import dice_per_label, mean_dict
 from common.networks import DisplacementUNet
 from common.sample import sample_pair
 from common.spatial.fields import warp
-from common.training import BestWeights, TrainingCheckpoint, label_maps, latest_checkpoint
+from common.training import BestWeights, EpochStepLearningRate, TrainingCheckpoint, label_maps, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "node_contrastive" / "configs"
@@ -141,6 +141,30 @@ def test_resume_takes_the_furthest_checkpoint_and_survives_a_kill_while_saving(t
     monkeypatch.undo()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 300 and not list(tmp_path.glob(".*tmp*"))
+
+
+def _rates_by_epoch(start_epoch: int, epochs: int, stale_rate: float) -> dict[int, float]:
+    """Learning rates a run uses per epoch when resumed after ``start_epoch`` epochs from an optimizer holding
+    ``stale_rate`` (what a checkpoint saved under another rate restores)."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1e-3)
+    schedule = EpochStepLearningRate(optimizer, milestones=[2, 4], gamma=0.5)
+    optimizer.param_groups[0]["lr"] = stale_rate
+    rates = {}
+    trainer = Engine(lambda engine, batch: rates.setdefault(engine.state.epoch, optimizer.param_groups[0]["lr"]))
+    schedule.attach(trainer)
+    trainer.load_state_dict({"epoch_length": 1, "iteration": start_epoch, "max_epochs": epochs})
+    trainer.run([0], max_epochs=epochs)
+    return rates
+
+
+def test_the_learning_rate_schedule_is_the_same_from_scratch_and_resumed():
+    """Epochs 1-2 at the base rate, 3-4 halved, 5 on quartered; a run resumed at epoch 3 from an optimizer that
+    holds another rate (its checkpoint's) trains each epoch at the rate of the run from scratch."""
+    scratch = _rates_by_epoch(0, 6, stale_rate=1e-3)
+    assert scratch == pytest.approx({1: 1e-3, 2: 1e-3, 3: 5e-4, 4: 5e-4, 5: 2.5e-4, 6: 2.5e-4})
+    assert _rates_by_epoch(3, 6, stale_rate=7e-3) == pytest.approx({e: scratch[e] for e in (4, 5, 6)})
+    with pytest.raises(ValueError, match="increasing"):
+        EpochStepLearningRate(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0), milestones=[4, 2])
 
 
 def _tto_kd_values(output: Path, epochs: int, **extra: object) -> dict:

@@ -12,11 +12,13 @@ from .data import HELD_OUT_SUBJECTS, label_maps, select_subjects
 from .distributed import on_rank
 from .reference import ReferenceDisplacementd
 from .registration import PairDiceIteration, PairRegistrationIteration, TransformedPair, ordered_pairs
+from .schedules import EpochStepLearningRate
 
 __all__ = [
     "HELD_OUT_SUBJECTS",
     "BestWeights",
     "ContrastiveIteration",
+    "EpochStepLearningRate",
     "PairDiceIteration",
     "PairRegistrationIteration",
     "RandContrastViewsd",
