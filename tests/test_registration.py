@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from common.engine import BestState, InstanceOptimizationInferer
+from common.engine import BestState, CoupledConvexInitializer, InstanceOptimizationInferer
 from common.losses import (
     MINDSSC,
     DisplacementSmoothnessLoss,
@@ -91,6 +91,54 @@ def test_known_deformation_is_recovered_across_contrasts():
     assert dice_after > dice_before + 0.2, (dice_before, dice_after)  # measured: 0.65 -> 0.93
     assert error_after < 0.6 * error_before, (error_before, error_after)  # measured: 0.80 -> 0.39 voxel
     assert (jacobian_determinant(ddf) > 0).all()
+
+
+def _cross_contrast_pair(amplitude: float) -> tuple[torch.Tensor, ...]:
+    """T2-like fixed and T1-like moving phantoms ``[1, 1, *S]``, the moving labels, and the field that aligns them."""
+    labels = phantom_labels()
+    truth = smooth_field(labels.shape, amplitude=amplitude, seed=3)
+    moving_labels = warp(labels[None, None].float(), truth, mode="nearest")[0, 0].long()
+    fixed = torch.as_tensor(render_contrast(labels, "t2", seed=1))[None, None].float()
+    moving = torch.as_tensor(render_contrast(moving_labels, "t1", seed=2))[None, None].float()
+    return fixed, moving, moving_labels, invert_field(truth)
+
+
+def test_the_convex_start_recovers_most_of_a_known_deformation_across_contrasts():
+    fixed, moving, _, expected = _cross_contrast_pair(amplitude=5.0)
+    start = CoupledConvexInitializer(MINDSSC(radius=1, dilation=1), cell_mm=3.0, search_mm=6.0, step_mm=1.0)
+    ddf = start(fixed, moving, spacing=(1.0, 1.0, 1.0))
+    brain = (phantom_labels() > 0)[None, None].expand_as(ddf)
+    error_before, error_after = expected[brain].abs().mean(), (ddf - expected)[brain].abs().mean()
+    assert ddf.shape == expected.shape and error_after < 0.6 * error_before, (
+        error_before,
+        error_after,
+    )  # measured: 0.80 -> 0.47 voxel
+    with pytest.raises(ValueError, match="increasing"):
+        CoupledConvexInitializer(MINDSSC(), coupling=(0.1, 0.01))
+
+
+def test_a_flow_started_from_a_displacement_gives_it_back_and_its_exact_inverse():
+    field = smooth_field((24, 28, 20), amplitude=3.0, seed=4)
+    flow = NETWORK(shape=(24, 28, 20))
+    flow.start_from(field)
+    displacement, _ = flow()
+    inverse = flow.inverse()
+    assert (displacement - field).norm(dim=1).mean() < 0.05 * field.norm(dim=1).mean()
+    assert (inverse + warp(displacement, inverse)).norm(dim=1).mean() < 0.05
+
+
+def test_starting_from_the_convex_search_aligns_better_in_the_same_iterations():
+    """What the start is for: fewer iterations to the same alignment (measured after 5: Dice 0.65 before, 0.77 from
+    the identity, 0.91 from the convex start)."""
+    fixed, moving, moving_labels, _ = _cross_contrast_pair(amplitude=5.0)
+    start = CoupledConvexInitializer(MINDSSC(radius=1, dilation=1), cell_mm=3.0, search_mm=6.0, step_mm=1.0)
+    dice = {}
+    for name, initializer in (("identity", None), ("convex", start)):
+        result = _inferer(iterations=(5,), initializer=initializer)(fixed, moving, spacing=(1.0, 1.0, 1.0))
+        warped = warp(moving_labels[None, None].float(), result.ddf, mode="nearest")[0, 0].long()
+        dice[name] = mean_dict(dice_per_label(warped, phantom_labels()))
+    assert dice["convex"] > dice["identity"] + 0.08, dice
+    assert "initializer_s" in result.stats.decisions
 
 
 def test_identical_images_give_the_identity_field():

@@ -1,4 +1,5 @@
 from .affine import AffineRegistration, AffineResult
+from .convex import CoupledConvexInitializer
 from .finetuning import TestTimeOptimizationInferer, native_bfloat16, working_shape
 from .gate import ContrastGate, GatedStyleTransfer, local_correlation
 from .optimizer import BestState, adam, create_pair_engine
@@ -9,6 +10,7 @@ from .protocols import (
     PatchSimilarity,
     RegistrationResult,
     RegistrationStats,
+    StartableModel,
 )
 from .registration import InstanceOptimizationInferer, downsample_image
 
@@ -17,6 +19,7 @@ __all__ = [
     "AffineResult",
     "BestState",
     "ContrastGate",
+    "CoupledConvexInitializer",
     "GatedStyleTransfer",
     "InstanceOptimizationInferer",
     "InvertibleModel",
@@ -25,6 +28,7 @@ __all__ = [
     "PatchSimilarity",
     "RegistrationResult",
     "RegistrationStats",
+    "StartableModel",
     "TestTimeOptimizationInferer",
     "adam",
     "create_pair_engine",

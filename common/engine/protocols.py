@@ -16,6 +16,7 @@ __all__ = [
     "PatchSimilarity",
     "RegistrationResult",
     "RegistrationStats",
+    "StartableModel",
 ]
 
 
@@ -68,6 +69,14 @@ class InvertibleModel(Protocol):
     the inverse displacement on its grid."""
 
     def inverse(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StartableModel(Protocol):
+    """A transform model that can start its optimisation from a given displacement ``[1, 3, *S]`` (voxels of its grid)
+    instead of the identity."""
+
+    def start_from(self, displacement: torch.Tensor) -> None: ...
 
 
 class PairRegistration(Protocol):

@@ -31,7 +31,14 @@ from common.spatial import (
 )
 
 from .optimizer import BestState, adam, create_pair_engine
-from .protocols import InvertibleModel, LocalDescriptor, PatchSimilarity, RegistrationResult, RegistrationStats
+from .protocols import (
+    InvertibleModel,
+    LocalDescriptor,
+    PatchSimilarity,
+    RegistrationResult,
+    RegistrationStats,
+    StartableModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +113,10 @@ class InstanceOptimizationInferer(Inferer):
         sample_block: side (voxels) of the blocks of recomputed descriptors.
         normalize: intensity transform of each image before registration; None: the 0.5 and 99.5 percentiles
             mapped to 0 and 1, clipped.
+        initializer: optional ``(fixed, moving, spacing) -> displacement`` ``[1, 3, X, Y, Z]`` (voxels of the
+            image grid, e.g. :class:`~common.engine.CoupledConvexInitializer`) on the normalised full-resolution
+            images; the model (a :class:`~common.engine.StartableModel`) starts from it instead of the identity.
+            It does not read the masks.
     """
 
     def __init__(
@@ -129,9 +140,10 @@ class InstanceOptimizationInferer(Inferer):
         sample_points: int | None = None,
         sample_block: int = 16,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        initializer: Callable[[torch.Tensor, torch.Tensor, Sequence[float]], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        self.model_factory = model_factory
+        self.model_factory, self.initializer = model_factory, initializer
         if len(levels) != len(iterations):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
         if levels_unit not in ("factor", "mm"):
@@ -298,6 +310,11 @@ class InstanceOptimizationInferer(Inferer):
         optimizer = adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
         start = time.perf_counter()
         stats = RegistrationStats(grid=list(flow_shape))
+        if self.initializer is not None:
+            if not isinstance(model, StartableModel):
+                raise TypeError(f"{type(model).__name__} cannot start from a displacement: no initializer for it.")
+            model.start_from(resize_ddf(self.initializer(fixed, moving, spacing), flow_shape))
+            stats.decisions["initializer_s"] = round(time.perf_counter() - start, 2)
 
         previous = None
         for level, (grid, num_iterations, warp_descriptor) in enumerate(

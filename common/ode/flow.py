@@ -46,6 +46,7 @@ class NeuralODEFlow(nn.Module):
         self.velocity_net = velocity_net(shape=shape)
         self.num_steps, self.solver = num_steps, solver
         self.adjoint = switch(adjoint, "network_def#adjoint")
+        self.register_buffer("velocity_offset", None, persistent=False)
 
     def integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         """Displacement ``phi_1 - id`` ``[B, 3, *S]`` (voxels) of the flow of ``velocity`` ``[B, 3, *S]``."""
@@ -55,14 +56,31 @@ class NeuralODEFlow(nn.Module):
         (y1,) = odeint(lambda s: (sample_velocity(s[0], velocity),), (y0,), self.num_steps, self.solver)
         return y1
 
+    def velocity(self) -> torch.Tensor:
+        """The stationary velocity ``[1, 3, *S]`` (voxels per unit time): the network's, plus the offset set by
+        :meth:`start_from`."""
+        velocity = self.velocity_net()
+        return velocity if self.velocity_offset is None else velocity + self.velocity_offset
+
+    @torch.no_grad()
+    def start_from(self, displacement: torch.Tensor, iterations: int = 8) -> None:
+        """Make the flow start at ``displacement`` ``[1, 3, *S]`` (voxels of the flow grid) instead of the identity:
+        the velocity whose flow it is, found by the fixed-point iteration ``v <- v + (u - flow(v))`` from ``v = u``,
+        becomes a constant offset added to the network's velocity, which the optimisation then refines. The result is
+        still the flow of one stationary velocity, so :meth:`inverse` stays exact."""
+        velocity = displacement.clone()
+        for _ in range(iterations):
+            velocity += displacement - self.integrate(velocity)
+        self.velocity_offset = velocity
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(displacement, velocity)``, both ``[1, 3, *S]`` in voxels of the flow grid."""
-        velocity = self.velocity_net()
+        velocity = self.velocity()
         return self.integrate(velocity), velocity
 
     def inverse(self) -> torch.Tensor:
         """Displacement ``[1, 3, *S]`` (voxels) of the inverse transform: the flow of ``-v`` with the same solver."""
-        return self.integrate(-self.velocity_net())
+        return self.integrate(-self.velocity())
 
 
 def save_initial_weights(
