@@ -141,6 +141,23 @@ def test_starting_from_the_convex_search_aligns_better_in_the_same_iterations():
     assert "initializer_s" in result.stats.decisions
 
 
+def test_a_stage_on_a_coarser_flow_grid_hands_its_displacement_to_the_next():
+    """A cheap first stage on a coarse flow grid, then a model on the finer grid started where it ended: the
+    alignment is kept across the change of grid and refined (measured: Dice 0.65 -> 0.77 after the coarse stage alone,
+    0.91 after both)."""
+    fixed, moving, moving_labels, _ = _cross_contrast_pair(amplitude=5.0)
+    dice = {}
+    for iterations in ((40, 0), (40, 30)):
+        inferer = _inferer(levels=(2, 1), iterations=iterations, flow_downsample=(4, 2))
+        result = inferer(fixed, moving, spacing=(1.0, 1.0, 1.0))
+        warped = warp(moving_labels[None, None].float(), result.ddf, mode="nearest")[0, 0].long()
+        dice[iterations] = mean_dict(dice_per_label(warped, phantom_labels()))
+    assert result.stats.grid == [18, 20, 17]  # the finer flow grid ends the registration
+    assert dice[(40, 30)] > dice[(40, 0)] + 0.05 and dice[(40, 0)] > 0.72, dice
+    with pytest.raises(ValueError, match="one per level"):
+        _inferer(levels=(2, 1), iterations=(1, 1), flow_downsample=(4, 2, 1))
+
+
 def test_identical_images_give_the_identity_field():
     image = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
     ddf = _inferer(iterations=(40,))(image, image.clone(), spacing=(1.0, 1.0, 1.0)).ddf

@@ -96,7 +96,9 @@ class InstanceOptimizationInferer(Inferer):
         iterations: Adam steps at each stage; a stage of 0 is skipped.
         learning_rate: Adam learning rate.
         flow_downsample: the flow grid's isotropic voxel size as a multiple of the image's finest voxel size (2: a
-            2 mm flow grid for a 1 mm image, 4 mm for 2 mm; never finer than the image along any axis).
+            2 mm flow grid for a 1 mm image, 4 mm for 2 mm; never finer than the image along any axis); one value
+            for all stages or one per stage. A stage on another flow grid than the stage before it starts a new
+            model (a :class:`~common.engine.StartableModel`) from the displacement reached so far.
         time_budget_s: stop after this many seconds over all stages (None: no limit).
         patience, tolerance: convergence stopping per stage (see :func:`create_pair_engine`); 0 disables.
         initial_weights: path of a state dict loaded (non-strictly) into the model before optimisation.
@@ -130,7 +132,7 @@ class InstanceOptimizationInferer(Inferer):
         levels_unit: str = "factor",
         iterations: Sequence[int] = (250, 50),
         learning_rate: float = 5e-3,
-        flow_downsample: float = 2.0,
+        flow_downsample: float | Sequence[float] = 2.0,
         time_budget_s: float | None = None,
         patience: int = 0,
         tolerance: float = 1e-3,
@@ -159,7 +161,14 @@ class InstanceOptimizationInferer(Inferer):
         self.iterations = [int(n) for n in iterations]
         if min(self.iterations) < 0:
             raise ValueError(f"iterations {self.iterations} must not be negative.")
-        self.learning_rate, self.flow_downsample = learning_rate, flow_downsample
+        flow_downsample = (
+            [flow_downsample] * len(levels) if isinstance(flow_downsample, (int, float)) else flow_downsample
+        )
+        if len(flow_downsample) != len(levels) or min(flow_downsample) <= 0:
+            raise ValueError(
+                f"flow_downsample {flow_downsample} needs one positive factor, or one per level of {list(levels)}."
+            )
+        self.learning_rate, self.flow_downsample = learning_rate, [float(f) for f in flow_downsample]
         self.objective = objective
         self.time_budget_s, self.patience, self.tolerance = time_budget_s, patience, tolerance
         self.initial_weights, self.seed, self.progress = initial_weights, seed, progress
@@ -305,33 +314,50 @@ class InstanceOptimizationInferer(Inferer):
         fixed, moving = (convert_to_tensor(self.normalize(x.float()), track_meta=False) for x in (fixed, moving))
         if isinstance(self.descriptor, nn.Module):
             self.descriptor.to(device)  # a learned descriptor follows the images
-        flow_shape = scaled_shape(shape, spacing, self.flow_downsample * min(float(sp) for sp in spacing))
-        model = self.build_model(flow_shape, device)
-        optimizer = adam(model.parameters(), lr=self.learning_rate, amsgrad=True)
+        finest = min(float(sp) for sp in spacing)
+        flow_shapes = [scaled_shape(shape, spacing, f * finest) for f in self.flow_downsample]
         start = time.perf_counter()
-        stats = RegistrationStats(grid=list(flow_shape))
-        if self.initializer is not None:
-            if not isinstance(model, StartableModel):
-                raise TypeError(f"{type(model).__name__} cannot start from a displacement: no initializer for it.")
-            model.start_from(resize_ddf(self.initializer(fixed, moving, spacing), flow_shape))
-            stats.decisions["initializer_s"] = round(time.perf_counter() - start, 2)
+        stats = RegistrationStats()
+        model = optimizer = None
+
+        def start_model(flow_shape: tuple[int, ...]) -> tuple[nn.Module, torch.optim.Optimizer]:
+            """The model on ``flow_shape``, started from the previous model's displacement or the initializer's."""
+            with torch.no_grad():
+                if model is not None:
+                    displacement = resize_ddf(model()[0], flow_shape)
+                elif self.initializer is not None:
+                    displacement = resize_ddf(self.initializer(fixed, moving, spacing), flow_shape)
+                    stats.decisions["initializer_s"] = round(time.perf_counter() - start, 2)
+                else:
+                    displacement = None
+            new = self.build_model(flow_shape, device)
+            if displacement is not None:
+                if not isinstance(new, StartableModel):
+                    raise TypeError(
+                        f"{type(new).__name__} cannot start from a displacement (initializer, new flow grid)."
+                    )
+                new.start_from(displacement)
+            stats.grid = list(flow_shape)
+            return new, adam(new.parameters(), lr=self.learning_rate, amsgrad=True)
 
         previous = None
-        for level, (grid, num_iterations, warp_descriptor) in enumerate(
-            zip(self.levels, self.iterations, self.warp_descriptor)
+        for level, (grid, num_iterations, warp_descriptor, flow_shape) in enumerate(
+            zip(self.levels, self.iterations, self.warp_descriptor, flow_shapes)
         ):
             level_shape = self.level_shape(shape, spacing, grid)
             skip = None
             if num_iterations == 0:
                 skip = "no iterations"
-            elif (level_shape, warp_descriptor) == previous:
+            elif (level_shape, warp_descriptor, flow_shape) == previous:
                 skip = f"repeats stage {level} on this image's grid"
             if skip:
                 logger.info(f"stage {level + 1} {skip}: skipped")
                 stats.iterations.append(0)
                 stats.stage_time_s.append(0.0)
                 continue
-            previous = (level_shape, warp_descriptor)
+            if model is None or list(flow_shape) != stats.grid:
+                model, optimizer = start_model(flow_shape)
+            previous = (level_shape, warp_descriptor, flow_shape)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
             fixed_mask_l = None if fixed_mask is None else _level_mask(fixed_mask, level_shape)
             moving_mask_l = None if moving_mask is None else downsample_image(moving_mask.float(), level_shape)
@@ -352,6 +378,8 @@ class InstanceOptimizationInferer(Inferer):
                 warp_descriptor=warp_descriptor,
                 best=best,
                 masks=(fixed_mask_l, moving_mask_l),
+                model=model,
+                optimizer=optimizer,
             ) -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
                 displacement, velocity = model()
@@ -384,6 +412,8 @@ class InstanceOptimizationInferer(Inferer):
             stats.stage_time_s.append(time.perf_counter() - stage_start)
             stats.final_loss = engine.state.output["loss"] if best is None else best.loss
 
+        if model is None:  # every stage skipped: the identity, or the initializer's displacement
+            model, _ = start_model(flow_shapes[-1])
         with torch.no_grad():
             displacement, _ = model()
             inverse = model.inverse() if isinstance(model, InvertibleModel) else invert_ddf(displacement)
