@@ -145,7 +145,7 @@ class AffineRegistration:
         masks = [
             None if m is None else m.float().reshape(1, 1, *m.shape[-3:]).to(device) for m in (fixed_mask, moving_mask)
         ]
-        header_level = self._level(images[0], a_fixed, images[1], a_moving, masks, _OVERLAP_MM)
+        header_level = self._level(images[0], a_fixed, images[1], a_moving, masks, _OVERLAP_MM, histogram=False)
         overlap, inside, volume_ratio = self._overlap(header_level, identity)
         # a skull-stripped brain within a whole head is aligned, although their Dice is low; an affine map would only
         # stretch the brain's outline onto the head's
@@ -209,10 +209,12 @@ class AffineRegistration:
         masks: list[torch.Tensor | None],
         level_mm: float,
         centre: torch.Tensor | None = None,
+        histogram: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Both images on grids of about ``level_mm`` (smoothed), the fixed voxels' world points (RAS mm, relative to
         ``centre``, by default the fixed image's centre of mass at this level), and what sampling the moving image
-        needs."""
+        needs; with ``histogram``, also the fixed image's histogram memberships that mutual information reads (half a
+        second at 2 mm, which the overlap check alone does not need)."""
         f_spacing = torch.linalg.norm(a_fixed[:3, :3], dim=0).tolist()
         m_spacing = torch.linalg.norm(a_moving[:3, :3], dim=0).tolist()
         f_shape, m_shape = tuple(fixed.shape[2:]), tuple(moving.shape[2:])
@@ -239,7 +241,7 @@ class AffineRegistration:
         return {
             "fixed": fixed_l.flatten(),
             # the fixed image's histogram memberships do not change while the moving image moves
-            "fixed_parzen": parzen_weights(fixed_l.flatten(), self.num_bins),
+            "fixed_parzen": parzen_weights(fixed_l.flatten(), self.num_bins) if histogram else None,
             "fixed_weight": fixed_weight,
             "points": (world - centre).to(device=fixed.device, dtype=torch.float32),
             "centre": centre,
