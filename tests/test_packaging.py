@@ -15,6 +15,8 @@ import torch
 from monai.bundle import ConfigParser
 from packaging.requirements import Requirement
 
+from common.workflow.cli import PRESETS as PRESET_NAMES
+
 tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,18 +60,26 @@ def test_each_built_config_is_its_bases_and_delta_merged():
                 assert built.get(key) == listed.get(key), f"{delta}: {key}"
 
 
-@pytest.mark.parametrize("bundle", ["node_mind", "node_lmi", "node_contrastive", "vfa_brainid_adapter"])
-def test_the_longitudinal_preset_changes_existing_settings_of_each_bundle_that_has_one(bundle):
-    """Every key of ``configs/longitudinal.json`` names a setting the bundle's inference config has (a mistyped key
-    would add an unused setting and change nothing), and the merged config builds a rigid-only affine stage."""
-    preset = json.loads((_configs(bundle) / "longitudinal.json").read_text())
+PRESETS = [(b, "longitudinal") for b in ("node_mind", "node_lmi", "node_contrastive", "vfa_brainid_adapter")] + [
+    ("node_mind", "quick")
+]
+
+
+@pytest.mark.parametrize("bundle,preset", PRESETS)
+def test_each_preset_changes_existing_settings_of_its_bundle(bundle, preset):
+    """Every key of a preset (``configs/<preset>.json``) names a setting the bundle's inference config has (a mistyped
+    key would add an unused setting and change nothing) and changes it; the longitudinal preset's merged config builds
+    a rigid-only affine stage."""
+    assert preset in PRESET_NAMES
+    overrides = json.loads((_configs(bundle) / f"{preset}.json").read_text())
     plain = ConfigParser()
     plain.read_config(str(_configs(bundle) / "inference.json"))
-    assert preset and all(key in plain for key in preset), [key for key in preset if key not in plain]
+    assert overrides and all(key in plain for key in overrides), [key for key in overrides if key not in plain]
     merged = ConfigParser()
-    merged.read_config([str(_configs(bundle) / "inference.json"), str(_configs(bundle) / "longitudinal.json")])
-    assert merged.get_parsed_content("affine_stage").stages == ("rigid",)
-    for key, value in preset.items():
+    merged.read_config([str(_configs(bundle) / "inference.json"), str(_configs(bundle) / f"{preset}.json")])
+    if preset == "longitudinal":
+        assert merged.get_parsed_content("affine_stage").stages == ("rigid",)
+    for key, value in overrides.items():
         assert merged.get(key) == value != plain.get(key)
 
 

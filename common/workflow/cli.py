@@ -15,7 +15,7 @@ from common.io import RegistrationInputError, switch
 __all__ = ["PRESETS", "check_command_line", "input_error_cause", "os_error_cause", "switch"]
 
 # override files that change a bundle's defaults for a kind of pair (``configs/<name>.json``)
-PRESETS = ("longitudinal",)
+PRESETS = ("longitudinal", "quick")
 # arguments of monai.bundle's ``run`` itself, not config overrides
 _RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
 
