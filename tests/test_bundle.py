@@ -526,7 +526,9 @@ def test_the_inverse_field_takes_fixed_labels_onto_the_moving_grid_through_itk(r
 def test_a_moving_mask_keeps_an_artefact_from_misleading_the_registration(tmp_path):
     """The sample's moving T1 with a dark cavity (20 mm radius, as after a resection) the fixed T2 lacks: without a
     mask the registration pulls the structures around it into the hole; with the moving mask excluding the cavity,
-    their Dice is higher (0.393 against 0.467 with the settings below, when measured)."""
+    their Dice is higher (0.392 against 0.469 with the settings below, when measured). The settings are those of
+    release 0.7.0 (one 4 mm flow grid, no convex start), which the cavity misleads; the default's 8 mm first grid
+    and convex start are hardly misled by it (0.478 unmasked, 0.470 masked: 0.334 before)."""
     from common.sample import sample_pair
 
     sample = sample_pair()
@@ -548,7 +550,8 @@ def test_a_moving_mask_keeps_an_artefact_from_misleading_the_registration(tmp_pa
             config_file=str(CONFIG),
             workflow_type="infer",
             **{**common_args, "moving": str(paths["moving"]), "output_dir": str(out), "save_qc": False},
-            **{"inferer#iterations": [40, 20], "progress": False, **mask},
+            **{"inferer#iterations": [40, 20], "inferer#flow_downsample": 2, "inferer#initializer": None},
+            **{"progress": False, **mask},
         )
         workflow.initialize()
         workflow.run()

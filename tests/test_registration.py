@@ -154,8 +154,11 @@ def test_a_stage_on_a_coarser_flow_grid_hands_its_displacement_to_the_next():
         dice[iterations] = mean_dict(dice_per_label(warped, phantom_labels()))
     assert result.stats.grid == [18, 20, 17]  # the finer flow grid ends the registration
     assert dice[(40, 30)] > dice[(40, 0)] + 0.05 and dice[(40, 0)] > 0.72, dice
-    with pytest.raises(ValueError, match="one per level"):
-        _inferer(levels=(2, 1), iterations=(1, 1), flow_downsample=(4, 2, 1))
+    # factors match stages from the finest back: one stage takes the finest factor, three repeat the coarsest
+    assert _inferer(levels=(1,), iterations=(1,), flow_downsample=(4, 2)).flow_downsample == [2.0]
+    assert _inferer(levels=(4, 2, 1), iterations=(1, 1, 1), flow_downsample=(4, 2)).flow_downsample == [4.0, 4.0, 2.0]
+    with pytest.raises(ValueError, match="positive"):
+        _inferer(flow_downsample=(4, 0))
 
 
 def test_identical_images_give_the_identity_field():

@@ -78,13 +78,15 @@ class CoupledConvexInitializer(nn.Module):
         self, fixed: torch.Tensor, moving: torch.Tensor, stride: Sequence[int], steps: Sequence[int], radius: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Match costs ``[K, *P]`` of the ``K`` displacements ``[K, 3]`` (voxels) at the search points ``P`` (every
-        ``stride`` voxels of the cell-averaged descriptors ``fixed`` and ``moving``)."""
+        ``stride`` voxels of the cell-averaged descriptors ``fixed`` and ``moving``, whose last channel is the
+        fraction of the cell inside the image's mask)."""
         reach = [radius * st for st in steps]
         padded = F.pad(moving, [p for r in reversed(reach) for p in (r, r)], mode="replicate")
         target = fixed[:, :, :: stride[0], :: stride[1], :: stride[2]]
         points = target.shape[2:]
+        inside = target[0, -1] > 0.5
         offsets = list(itertools.product(range(-radius, radius + 1), repeat=3))
-        costs = fixed.new_empty(len(offsets), *points)
+        costs, compared = fixed.new_empty(len(offsets), *points), fixed.new_empty(len(offsets), *points)
         for k, offset in enumerate(offsets):
             begin = [r + o * st for r, o, st in zip(reach, offset, steps, strict=True)]
             shifted = padded[
@@ -94,16 +96,31 @@ class CoupledConvexInitializer(nn.Module):
                 begin[1] :: stride[1],
                 begin[2] :: stride[2],
             ][:, :, : points[0], : points[1], : points[2]]
-            costs[k] = (target - shifted).square().mean(1)[0]
-        costs = F.avg_pool3d(F.pad(costs[None], (1,) * 6, mode="replicate"), 3, stride=1)[0]
-        costs = costs / costs.mean().clamp_min(torch.finfo(costs.dtype).tiny)
+            compared[k] = inside & (shifted[0, -1] > 0.5)
+            costs[k] = (target[:, :-1] - shifted[:, :-1]).square().mean(1)[0] * compared[k]
+        # each point's neighbourhood of compared points, weighted by how many were compared
+        pooled = [F.avg_pool3d(F.pad(x[None], (1,) * 6, mode="replicate"), 3, stride=1)[0] for x in (costs, compared)]
+        known = pooled[1] > 0
+        costs = pooled[0] / pooled[1].clamp_min(torch.finfo(costs.dtype).tiny)
+        costs = costs / costs[known].mean().clamp_min(torch.finfo(costs.dtype).tiny) if known.any() else costs + 1
+        # a displacement that compares nothing (outside the masks) is neither preferred nor avoided
+        neutral = (costs * known).sum(0) / known.sum(0).clamp_min(1)
+        costs = torch.where(known, costs, torch.where(known.any(0), neutral, torch.ones_like(neutral)))
         displacements = torch.tensor(offsets, dtype=fixed.dtype, device=fixed.device) * fixed.new_tensor(steps)
         return costs, displacements
 
     @torch.no_grad()
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    def forward(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        spacing: Sequence[float],
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``fixed`` and ``moving`` ``[1, 1, X, Y, Z]`` on one grid of voxel size ``spacing`` (mm) -> displacement
-        ``[1, 3, X, Y, Z]`` in voxels of that grid."""
+        ``[1, 3, X, Y, Z]`` in voxels of that grid. Only voxels inside the masks given (``[1, 1, X, Y, Z]``, 1
+        inside, on that grid; the moving one before warping) are compared."""
         shape, spacing = fixed.shape[2:], [float(sp) for sp in spacing]
         stride = [max(1, round(self.cell_mm / sp)) for sp in spacing]
         steps = [max(1, round(self.step_mm / sp)) for sp in spacing]
@@ -112,8 +129,9 @@ class CoupledConvexInitializer(nn.Module):
         extent = [math.ceil((s - 1) / st) * st + 1 for s, st in zip(shape, stride, strict=True)]
         pads = [p for s, e in zip(reversed(shape), reversed(extent), strict=True) for p in (0, e - s)]
         described = []
-        for image in (fixed, moving):
+        for image, mask in ((fixed, fixed_mask), (moving, moving_mask)):
             d = self.descriptor(image)
+            d = torch.cat([d, torch.ones_like(image) if mask is None else mask.to(d)], dim=1)
             d = F.avg_pool3d(
                 F.pad(d, [p for st in reversed(stride) for p in (st // 2, (st - 1) // 2)], "replicate"),
                 stride,

@@ -97,8 +97,9 @@ class InstanceOptimizationInferer(Inferer):
         learning_rate: Adam learning rate.
         flow_downsample: the flow grid's isotropic voxel size as a multiple of the image's finest voxel size (2: a
             2 mm flow grid for a 1 mm image, 4 mm for 2 mm; never finer than the image along any axis); one value
-            for all stages or one per stage. A stage on another flow grid than the stage before it starts a new
-            model (a :class:`~common.engine.StartableModel`) from the displacement reached so far.
+            for all stages or one per stage (matched from the finest stage back; extra coarse stages take the
+            first). A stage on another flow grid than the stage before it starts a new model (a
+            :class:`~common.engine.StartableModel`) from the displacement reached so far.
         time_budget_s: stop after this many seconds over all stages (None: no limit).
         patience, tolerance: convergence stopping per stage (see :func:`create_pair_engine`); 0 disables.
         initial_weights: path of a state dict loaded (non-strictly) into the model before optimisation.
@@ -115,10 +116,10 @@ class InstanceOptimizationInferer(Inferer):
         sample_block: side (voxels) of the blocks of recomputed descriptors.
         normalize: intensity transform of each image before registration; None: the 0.5 and 99.5 percentiles
             mapped to 0 and 1, clipped.
-        initializer: optional ``(fixed, moving, spacing) -> displacement`` ``[1, 3, X, Y, Z]`` (voxels of the
-            image grid, e.g. :class:`~common.engine.CoupledConvexInitializer`) on the normalised full-resolution
-            images; the model (a :class:`~common.engine.StartableModel`) starts from it instead of the identity.
-            It does not read the masks.
+        initializer: optional ``(fixed, moving, spacing, fixed_mask, moving_mask) -> displacement``
+            ``[1, 3, X, Y, Z]`` (voxels of the image grid, e.g. :class:`~common.engine.CoupledConvexInitializer`) on
+            the normalised full-resolution images; the model (a :class:`~common.engine.StartableModel`) starts from
+            it instead of the identity.
     """
 
     def __init__(
@@ -142,7 +143,7 @@ class InstanceOptimizationInferer(Inferer):
         sample_points: int | None = None,
         sample_block: int = 16,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        initializer: Callable[[torch.Tensor, torch.Tensor, Sequence[float]], torch.Tensor] | None = None,
+        initializer: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.model_factory, self.initializer = model_factory, initializer
@@ -161,13 +162,11 @@ class InstanceOptimizationInferer(Inferer):
         self.iterations = [int(n) for n in iterations]
         if min(self.iterations) < 0:
             raise ValueError(f"iterations {self.iterations} must not be negative.")
-        flow_downsample = (
-            [flow_downsample] * len(levels) if isinstance(flow_downsample, (int, float)) else flow_downsample
-        )
-        if len(flow_downsample) != len(levels) or min(flow_downsample) <= 0:
-            raise ValueError(
-                f"flow_downsample {flow_downsample} needs one positive factor, or one per level of {list(levels)}."
-            )
+        factors = [flow_downsample] if isinstance(flow_downsample, (int, float)) else list(flow_downsample)
+        if not factors or min(factors) <= 0:
+            raise ValueError(f"flow_downsample {flow_downsample} needs positive factors, one or one per level.")
+        # aligned at the finest stage, so that a schedule given other levels (--inferer#levels "[1]") still runs
+        flow_downsample = [factors[0]] * max(0, len(levels) - len(factors)) + factors[-len(levels) :]
         self.learning_rate, self.flow_downsample = learning_rate, [float(f) for f in flow_downsample]
         self.objective = objective
         self.time_budget_s, self.patience, self.tolerance = time_budget_s, patience, tolerance
@@ -326,7 +325,8 @@ class InstanceOptimizationInferer(Inferer):
                 if model is not None:
                     displacement = resize_ddf(model()[0], flow_shape)
                 elif self.initializer is not None:
-                    displacement = resize_ddf(self.initializer(fixed, moving, spacing), flow_shape)
+                    start_ddf = self.initializer(fixed, moving, spacing, fixed_mask, moving_mask)
+                    displacement = resize_ddf(start_ddf, flow_shape)
                     stats.decisions["initializer_s"] = round(time.perf_counter() - start, 2)
                 else:
                     displacement = None
