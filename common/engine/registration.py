@@ -317,13 +317,15 @@ class InstanceOptimizationInferer(Inferer):
         flow_shapes = [scaled_shape(shape, spacing, f * finest) for f in self.flow_downsample]
         start = time.perf_counter()
         stats = RegistrationStats()
-        model = optimizer = None
+        model, optimizer, model_shape = None, None, None
 
-        def start_model(flow_shape: tuple[int, ...]) -> tuple[nn.Module, torch.optim.Optimizer]:
+        def start_model(
+            flow_shape: tuple[int, ...], previous_model: nn.Module | None
+        ) -> tuple[nn.Module, torch.optim.Optimizer]:
             """The model on ``flow_shape``, started from the previous model's displacement or the initializer's."""
             with torch.no_grad():
-                if model is not None:
-                    displacement = resize_ddf(model()[0], flow_shape)
+                if previous_model is not None:
+                    displacement = resize_ddf(previous_model()[0], flow_shape)
                 elif self.initializer is not None:
                     start_ddf = self.initializer(fixed, moving, spacing, fixed_mask, moving_mask)
                     displacement = resize_ddf(start_ddf, flow_shape)
@@ -337,7 +339,6 @@ class InstanceOptimizationInferer(Inferer):
                         f"{type(new).__name__} cannot start from a displacement (initializer, new flow grid)."
                     )
                 new.start_from(displacement)
-            stats.grid = list(flow_shape)
             return new, adam(new.parameters(), lr=self.learning_rate, amsgrad=True)
 
         previous = None
@@ -355,8 +356,9 @@ class InstanceOptimizationInferer(Inferer):
                 stats.iterations.append(0)
                 stats.stage_time_s.append(0.0)
                 continue
-            if model is None or list(flow_shape) != stats.grid:
-                model, optimizer = start_model(flow_shape)
+            if flow_shape != model_shape:
+                model, optimizer = start_model(flow_shape, model)
+                model_shape = flow_shape
             previous = (level_shape, warp_descriptor, flow_shape)
             fixed_l, moving_l = downsample_image(fixed, level_shape), downsample_image(moving, level_shape)
             fixed_mask_l = None if fixed_mask is None else _level_mask(fixed_mask, level_shape)
@@ -413,7 +415,9 @@ class InstanceOptimizationInferer(Inferer):
             stats.final_loss = engine.state.output["loss"] if best is None else best.loss
 
         if model is None:  # every stage skipped: the identity, or the initializer's displacement
-            model, _ = start_model(flow_shapes[-1])
+            model_shape = flow_shapes[-1]
+            model, _ = start_model(model_shape, None)
+        stats.grid = list(model_shape)
         with torch.no_grad():
             displacement, _ = model()
             inverse = model.inverse() if isinstance(model, InvertibleModel) else invert_ddf(displacement)
