@@ -87,19 +87,27 @@ class CoupledConvexInitializer(nn.Module):
         inside = target[0, -1] > 0.5
         offsets = list(itertools.product(range(-radius, radius + 1), repeat=3))
         costs, compared = fixed.new_empty(len(offsets), *points), fixed.new_empty(len(offsets), *points)
+        # the search points of each displacement are a strided view of the moving descriptor: taking each phase's
+        # subsample once makes every view a contiguous block (one phase when the step is a multiple of the stride)
+        phases: dict[tuple[int, ...], torch.Tensor] = {}
         for k, offset in enumerate(offsets):
             begin = [r + o * st for r, o, st in zip(reach, offset, steps, strict=True)]
-            shifted = padded[
+            phase = tuple(b % s for b, s in zip(begin, stride, strict=True))
+            if phase not in phases:
+                phases[phase] = padded[:, :, phase[0] :: stride[0], phase[1] :: stride[1], phase[2] :: stride[2]]
+                phases[phase] = phases[phase].contiguous()
+            first = [b // s for b, s in zip(begin, stride, strict=True)]
+            shifted = phases[phase][
                 :,
                 :,
-                begin[0] :: stride[0],
-                begin[1] :: stride[1],
-                begin[2] :: stride[2],
-            ][:, :, : points[0], : points[1], : points[2]]
+                first[0] : first[0] + points[0],
+                first[1] : first[1] + points[1],
+                first[2] : first[2] + points[2],
+            ]
             compared[k] = inside & (shifted[0, -1] > 0.5)
             costs[k] = (target[:, :-1] - shifted[:, :-1]).square().mean(1)[0] * compared[k]
         # each point's neighbourhood of compared points, weighted by how many were compared
-        pooled = [F.avg_pool3d(F.pad(x[None], (1,) * 6, mode="replicate"), 3, stride=1)[0] for x in (costs, compared)]
+        pooled = [_box_smooth(x[None], 3, passes=1)[0] for x in (costs, compared)]
         known = pooled[1] > 0
         costs = pooled[0] / pooled[1].clamp_min(torch.finfo(costs.dtype).tiny)
         costs = costs / costs[known].mean().clamp_min(torch.finfo(costs.dtype).tiny) if known.any() else costs + 1
