@@ -300,6 +300,21 @@ def test_tto_kd_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
 VFA_ADAPTER = REPO / "bundles" / "vfa_brainid_adapter" / "configs"
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("config, weights", [("train_backbone", "backbone.pt"), ("train_refiners", "refiners.pt")])
+def test_adapter_multi_gpu_configs_train_what_one_process_trains(tmp_path, config, weights):
+    """With ``multi_gpu_train.json`` the adapter's trainer still calls its network through the wrapper that feeds it
+    (the backbone a pair, the refiners a pair through the frozen adapter), now inside DistributedDataParallel."""
+    files = json.dumps([str(VFA_ADAPTER / f"{config}.json"), str(VFA_ADAPTER / "multi_gpu_train.json")])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run(files, tmp_path, 1, launcher, {**_tto_kd_values(tmp_path, 1), "gate#mode": "always"})
+    assert len(_curve(tmp_path)) == 1 and float(_curve(tmp_path)[0]["val_dice"]) > 0
+    parser = ConfigParser()
+    parser.read_config(str(VFA_ADAPTER / f"{config}.json"))
+    state = torch.load(tmp_path / "models" / weights, map_location="cpu", weights_only=True)
+    parser.get_parsed_content("network_def").load_state_dict(state)
+
+
 def test_the_adapter_networks_train_resume_and_load_into_the_inference_config(tmp_path):
     """Two tiny runs of each of vfa_brainid_adapter's training configs: the VFA backbone on T1-like pairs (val_dice
     on the curve) and the Brain-ID style network (PSNR against the T1 rendering, and the input's own error beside
