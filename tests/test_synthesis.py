@@ -117,7 +117,6 @@ def _deform(seed: int, prob: float = 1.0, **data) -> dict:
         velocity_std=3.0,
         control_spacing=8.0,
         ddf_key="ddf",
-        inverse_ddf_key="inverse_ddf",
     )
     return transform.set_random_state(seed)(data)
 
@@ -130,10 +129,9 @@ def test_random_diffeomorphic_warp_is_invertible_reproducible_and_large(phantom)
     assert (jacobian_determinant(first[None]) > 0).all()
 
 
-def test_a_known_field_follows_either_image_when_that_is_deformed_again():
+def test_a_known_field_follows_its_fixed_image_when_that_is_deformed_again():
     """The fixed image is the moving one pulled back by ``v``; deformed once more by ``u``, the composed field
-    ``u + v(x + u)`` still maps the moving image onto it (to interpolation), while ``v`` alone no longer does; the
-    same for the moving image deformed by ``w``, with ``w``'s inverse composed after ``v``."""
+    ``u + v(x + u)`` still maps the moving image onto it (to interpolation), while ``v`` alone no longer does."""
     radius = torch.linalg.vector_norm(
         torch.stack(torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij")) - 11.5, dim=0
     )
@@ -146,18 +144,6 @@ def test_a_known_field_follows_either_image_when_that_is_deformed_again():
         return float((warp(moving[None], field[None])[0] - again["image"]).abs().mean())
 
     assert error(composed) < 0.1 * error(v) and error(v) < error(torch.zeros_like(v))
-    # the moving image deformed instead, by w: the known field composed (last) with w's inverse maps it onto the fixed
-    fixed = warp(moving[None], v[None])[0]
-    moved = _deform(6, image=moving)
-    after = ComposeDisplacementd("target", ddf_key="inverse_ddf", ddf_first=False)(
-        {"target": v, "inverse_ddf": moved["inverse_ddf"]}
-    )["target"]
-
-    def moving_error(field: torch.Tensor) -> float:
-        return float((warp(moved["image"][None], field[None])[0] - fixed).abs().mean())
-
-    # measured 0.14: the warped moving image is interpolated twice, and w's round trip alone leaves the same error
-    assert moving_error(after) < 0.2 * moving_error(v)
     with pytest.raises(ValueError, match="shape"):
         ComposeDisplacementd("target", ddf_key="ddf")({"target": v[:, :8], "ddf": again["ddf"]})
 

@@ -268,7 +268,7 @@ def test_known_field_pairs_carry_the_displacement_that_aligns_them(tmp_path):
 
 def test_teacher_pairs_carry_a_reference_field_that_aligns_them_computed_once(tmp_path, shared_data):
     """``configs/train_reference.json``: each pair's target is node_mind's field between two subjects' maps rendered
-    alike, kept on disk, and it follows both maps' own random deformations: warping the moving labels by it raises
+    alike, kept on disk, and it follows the fixed map's own random deformation: warping the moving labels by it raises
     their overlap with the fixed labels far above the identity's."""
     parser = ConfigParser()
     parser.read_config([str(TTO_KD / "train.json"), str(TTO_KD / "train_reference.json")])

@@ -42,8 +42,6 @@ class RandDiffeomorphicWarpd(RandomizableTransform, MapTransform):
         num_steps: squarings (the velocity is scaled by ``2**-num_steps``).
         integration_downsample: integer factor between the image grid and the integration grid.
         ddf_key: key under which to store the displacement ``[3, X, Y, Z]`` (voxels), or None.
-        inverse_ddf_key: key under which to store the displacement of the inverse map (the flow of the negated
-            velocity, ``[3, X, Y, Z]``, voxels), or None: what a field into the warped data is composed with.
     """
 
     def __init__(
@@ -56,7 +54,6 @@ class RandDiffeomorphicWarpd(RandomizableTransform, MapTransform):
         num_steps: int = 7,
         integration_downsample: int = 2,
         ddf_key: str | None = None,
-        inverse_ddf_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -64,7 +61,6 @@ class RandDiffeomorphicWarpd(RandomizableTransform, MapTransform):
         self.mode = ensure_tuple_rep(mode, len(self.keys))
         self.velocity_std, self.control_spacing = velocity_std, control_spacing
         self.num_steps, self.integration_downsample, self.ddf_key = num_steps, integration_downsample, ddf_key
-        self.inverse_ddf_key = inverse_ddf_key
         self.noise: torch.Tensor | None = None
 
     def randomize(self, shape: Sequence[int]) -> None:  # type: ignore[override]
@@ -74,18 +70,13 @@ class RandDiffeomorphicWarpd(RandomizableTransform, MapTransform):
             # drawn on the CPU from the transform's own generator: the same seed gives the same field on any device
             self.noise = torch.as_tensor(self.R.normal(0.0, self.velocity_std, size=(3, *grid)), dtype=torch.float32)
 
-    def displacement(
-        self, shape: Sequence[int], device: torch.device, dtype: torch.dtype, inverse: bool = False
-    ) -> torch.Tensor:
-        """The last drawn displacement ``[1, 3, *shape]`` (voxels), or its inverse map's; zero when the draw skipped
-        the deformation."""
+    def displacement(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The last drawn displacement ``[1, 3, *shape]`` (voxels), zero when the draw skipped the deformation."""
         if not self._do_transform or self.noise is None:
             return torch.zeros(1, 3, *shape, device=device, dtype=dtype)
         coarse = [max(2, -(-s // self.integration_downsample)) for s in shape]
         scale = torch.tensor([(c - 1) / max(s - 1, 1) for c, s in zip(coarse, shape)], device=device, dtype=dtype)
         velocity = random_velocity(coarse, self.noise, device, dtype) * scale.view(1, 3, 1, 1, 1)
-        if inverse:
-            velocity = -velocity
         return resize_ddf(scaling_and_squaring(velocity, self.num_steps), shape)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -107,33 +98,25 @@ class RandDiffeomorphicWarpd(RandomizableTransform, MapTransform):
             d[key] = image
         if self.ddf_key is not None:
             d[self.ddf_key] = ddf[0]
-        if self.inverse_ddf_key is not None:
-            d[self.inverse_ddf_key] = self.displacement(shape, ddf.device, ddf.dtype, inverse=True)[0]
         return d
 
 
 class ComposeDisplacementd(MapTransform):
-    """Re-express fields after the grid at one of their ends was itself deformed, by composing each key's
-    displacement ``v`` with ``ddf_key``'s ``u``: ``u + v(x + u)`` (the map ``x -> phi_v(phi_u(x))``) when ``ddf_first``,
-    else ``v + u(x + v)`` (``x -> phi_u(phi_v(x))``).
+    """Re-express fields after the grid they live on was itself deformed: each key's displacement ``v`` becomes
+    ``u + v(x + u)``, the displacement of ``x -> phi_v(phi_u(x))``, where ``u`` is ``ddf_key``'s.
 
-    Used when an image of a pair with a known field ``v`` (fixed -> moving) is warped once more
-    (:class:`RandDiffeomorphicWarpd`): the fixed image by ``u`` (its ``ddf_key``, ``ddf_first=True``), or the moving
-    image, where ``u`` is that warp's inverse (its ``inverse_ddf_key``, ``ddf_first=False``). Either way the composed
-    field maps the fixed image's points to the moving image's again. All fields are pull-back displacements
-    ``[3, X, Y, Z]`` in voxels on one grid.
+    Used when the fixed image of a pair with a known field ``v`` (fixed -> moving) is warped once more by ``u``
+    (:class:`RandDiffeomorphicWarpd` with its ``ddf_key``): the composed field maps the warped fixed image's points to
+    the moving image. All fields are pull-back displacements ``[3, X, Y, Z]`` in voxels on one grid.
 
     Args:
         keys: the displacements to re-express.
-        ddf_key: the displacement to compose them with.
-        ddf_first: whether ``ddf_key``'s map acts first (on the fixed side) or last (on the moving side).
+        ddf_key: the displacement the grid was deformed by.
     """
 
-    def __init__(
-        self, keys: KeysCollection, ddf_key: str, ddf_first: bool = True, allow_missing_keys: bool = False
-    ) -> None:
+    def __init__(self, keys: KeysCollection, ddf_key: str, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.ddf_key, self.ddf_first = ddf_key, ddf_first
+        self.ddf_key = ddf_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -145,6 +128,5 @@ class ComposeDisplacementd(MapTransform):
             then = convert_to_tensor(d[key], track_meta=False).to(device=first.device, dtype=first.dtype)
             if then.shape != first.shape:
                 raise ValueError(f"{key} has shape {tuple(then.shape)}, {self.ddf_key} {tuple(first.shape)}.")
-            inner, outer = (first, then) if self.ddf_first else (then, first)
-            d[key] = inner + warp(outer[None], inner[None])[0]
+            d[key] = first + warp(then[None], first[None])[0]
         return d
