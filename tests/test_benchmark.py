@@ -125,6 +125,8 @@ def test_a_method_runs_in_its_own_process_from_any_folder(tmp_path, monkeypatch)
     row = run_benchmark.run_method(pair, "node_mind", tmp_path / "out", 1, 300.0, overrides=overrides)
     before = run_benchmark.score(pair, moved.astype(np.int32), None, None)["dice"]
     assert row["status"] == "ok" and row["dice"] > before + 0.02 and row["time_s"] > 0, (row, before)
+    # the benchmark scores the outputs itself: the bundle's time must not include scoring them too
+    assert "dice" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
 
 
 def test_real_known_pairs_are_undone_by_their_known_field_and_identity_pairs_need_nothing(tmp_path, shared_data):
