@@ -30,6 +30,23 @@ def _box_smooth(field: torch.Tensor, side: int, passes: int = 2) -> torch.Tensor
     return field
 
 
+def _cell_averages(field: torch.Tensor, sides: Sequence[int], positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Averages of ``field`` ``[B, C, X, Y, Z]`` over boxes of ``sides`` voxels (edges replicated), centred as a
+    stride-1 box filter would centre them, read only at ``positions`` along each axis: each position is the regular
+    grid ``0, side, 2 side, ...`` with at most one more index after it. Axis by axis, so that each pass reads a
+    volume already reduced along the previous axes."""
+    for axis, (side, where) in enumerate(zip(sides, positions, strict=True)):
+        dim, pad = axis + 2, [0] * 6
+        pad[2 * (2 - axis) : 2 * (2 - axis) + 2] = [side // 2, (side - 1) // 2]
+        padded = F.pad(field, pad, mode="replicate")
+        kernel = [1, 1, 1]
+        kernel[axis] = side
+        regular = F.avg_pool3d(padded, kernel, stride=kernel)  # at 0, side, 2 side, ... up to the last voxel
+        extra = [padded.narrow(dim, p, side).mean(dim, keepdim=True) for p in where[regular.shape[dim] :]]
+        field = torch.cat([regular, *extra], dim) if extra else regular
+    return field
+
+
 class CoupledConvexInitializer(nn.Module):
     """Displacement ``[1, 3, X, Y, Z]`` (voxels, pull-back as :class:`~common.engine.RegistrationResult`) that roughly
     aligns ``moving`` to ``fixed``, found by a discrete search and coupled convex regularisation.
@@ -136,17 +153,29 @@ class CoupledConvexInitializer(nn.Module):
         # pad the far ends so that the search points' grid ends on the last voxel, corners on corners
         extent = [math.ceil((s - 1) / st) * st + 1 for s, st in zip(shape, stride, strict=True)]
         pads = [p for s, e in zip(reversed(shape), reversed(extent), strict=True) for p in (0, e - s)]
+        # with steps that are whole cells every score reads the cell averages at search points only (the last voxel
+        # stands for the points past it): computing those alone is stride^3 times less work (4^3 for a 1 mm image)
+        on_grid = all(st % sd == 0 for st, sd in zip(steps, stride, strict=True))
+        positions = [list(range(0, s, sd)) + ([s - 1] if (s - 1) % sd else []) for s, sd in zip(shape, stride)]
         described = []
         for image, mask in ((fixed, fixed_mask), (moving, moving_mask)):
             d = self.descriptor(image)
             d = torch.cat([d, torch.ones_like(image) if mask is None else mask.to(d)], dim=1)
+            if on_grid:
+                described.append(_cell_averages(d, stride, positions))
+                continue
             d = F.avg_pool3d(
                 F.pad(d, [p for st in reversed(stride) for p in (st // 2, (st - 1) // 2)], "replicate"),
                 stride,
                 stride=1,
             )
             described.append(F.pad(d, pads, mode="replicate"))
-        costs, displacements = self._costs(*described, stride, steps, radius)
+        if on_grid:
+            lattice_steps = [st // sd for st, sd in zip(steps, stride, strict=True)]
+            costs, displacements = self._costs(*described, [1, 1, 1], lattice_steps, radius)
+            displacements = displacements * displacements.new_tensor(stride)
+        else:
+            costs, displacements = self._costs(*described, stride, steps, radius)
         points, costs = costs.shape[1:], costs.flatten(1)
         in_mm = displacements * displacements.new_tensor(spacing)
         squared = in_mm.square().sum(1, keepdim=True)
