@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.engine import BestState, CoupledConvexInitializer, InstanceOptimizationInferer
 from common.losses import (
@@ -115,6 +116,19 @@ def test_the_convex_start_recovers_most_of_a_known_deformation_across_contrasts(
     )  # measured: 0.80 -> 0.47 voxel
     with pytest.raises(ValueError, match="increasing"):
         CoupledConvexInitializer(MINDSSC(), coupling=(0.1, 0.01))
+
+
+def test_the_convex_start_reads_cell_averages_on_its_search_grid_as_a_sliding_box_gives_them():
+    """The shortcut for steps of whole cells: averages computed at the search points alone equal the stride-1 box
+    filter read there (the last voxel standing for the points past it), whatever the cell sides."""
+    from common.engine.convex import _cell_averages
+
+    field, sides = torch.rand(1, 4, 11, 13, 9, generator=torch.Generator().manual_seed(0)), (3, 2, 4)
+    padded = F.pad(field, [p for side in reversed(sides) for p in (side // 2, (side - 1) // 2)], mode="replicate")
+    sliding = F.avg_pool3d(padded, sides, stride=1)
+    positions = [list(range(0, n, side)) + ([n - 1] if (n - 1) % side else []) for n, side in zip((11, 13, 9), sides)]
+    expected = sliding[:, :, positions[0]][:, :, :, positions[1]][..., positions[2]]
+    torch.testing.assert_close(_cell_averages(field, sides, positions), expected)
 
 
 def test_a_flow_started_from_a_displacement_gives_it_back_and_its_exact_inverse():
