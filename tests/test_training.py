@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
+from common.losses import MINDSSC
 from common.metrics.overlap import dice_per_label, mean_dict
 from common.networks import DisplacementUNet
 from common.sample import sample_pair
@@ -227,26 +228,30 @@ def test_an_untrained_teacher_predicts_near_identity_fields_that_depend_on_the_p
     assert (a - b).std() > 0.5 * a.std()
 
 
-def test_the_edge_view_gives_one_field_whatever_the_contrast_of_either_image():
-    """With ``edge_sigma`` the network sees each image's normalised gradient magnitude: an inverted and rescaled
-    contrast of the moving image, and a brighter fixed one, give the same field; the raw view does not."""
+@pytest.mark.parametrize("view", [{"edge_sigma": 1.0}, {"descriptor": MINDSSC()}])
+def test_a_contrast_agnostic_view_gives_one_field_whatever_the_contrast_of_either_image(view):
+    """With ``edge_sigma`` the network sees each image's normalised gradient magnitude, with a ``descriptor`` its
+    MIND-SSC maps: an inverted and rescaled contrast of the moving image, and a brighter fixed one, give the same field;
+    the raw view does not."""
     torch.manual_seed(0)
     pair = torch.rand(1, 2, 24, 24, 24)
     recontrasted = torch.stack([0.7 * (1.0 - pair[:, 0]), 3.0 * pair[:, 1]], dim=1)
-    for edge_sigma, same in ((1.0, True), (0.0, False)):
+    for options, same in ((view, True), ({}, False)):
         net = DisplacementUNet(
-            [8, 8, 8, 8],
-            unet_out_channels=8,
-            final_conv_channels=(8,),
-            output_std=1.0,
-            norm="instance",
-            edge_sigma=edge_sigma,
+            [8, 8, 8, 8], unet_out_channels=8, final_conv_channels=(8,), output_std=1.0, norm="instance", **options
         )
         with torch.no_grad():
             field, other = net(pair), net(recontrasted)
         assert bool((field - other).abs().max() < 1e-3 * field.abs().max()) == same
+
+
+def test_the_input_views_reject_bad_options():
     with pytest.raises(ValueError, match="edge_sigma"):
         DisplacementUNet([8, 8, 8, 8], edge_sigma=-1.0)
+    with pytest.raises(ValueError, match="give one of them"):
+        DisplacementUNet([8, 8, 8, 8], edge_sigma=1.0, descriptor=MINDSSC())
+    with pytest.raises(ValueError, match="descriptor_channels"):
+        DisplacementUNet([8, 8, 8, 8], descriptor=MINDSSC(), descriptor_channels=0)
 
 
 def test_known_field_pairs_carry_the_displacement_that_aligns_them(tmp_path):

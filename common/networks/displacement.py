@@ -36,6 +36,11 @@ class DisplacementUNet(VoxelMorphUNet):
             deviation (voxels), divided by its mean over the volume: a contrast-agnostic view of the pair (tissue
             boundaries lie where they lie, whatever the tissues' intensities; an inverted or rescaled contrast gives
             the same view), parameter-free. 0 feeds the images as they are.
+        descriptor: a parameter-free module mapping each image ``[B, 1, X, Y, Z]`` to ``descriptor_channels`` feature
+            maps (e.g. :class:`~common.losses.MINDSSC`), fed instead of the images: the network sees the pair as
+            ``[B, 2 * descriptor_channels, X, Y, Z]`` (moving's, then fixed's). It is applied without gradient, so
+            the images' own gradients are not available through it. Exclusive with ``edge_sigma``.
+        descriptor_channels: channels of ``descriptor``'s output.
     """
 
     def __init__(
@@ -47,11 +52,19 @@ class DisplacementUNet(VoxelMorphUNet):
         output_std: float = 1e-5,
         norm: str | tuple | None = None,
         edge_sigma: float = 0.0,
+        descriptor: nn.Module | None = None,
+        descriptor_channels: int = 12,
     ) -> None:
+        if edge_sigma < 0:
+            raise ValueError(f"edge_sigma must be >= 0, got {edge_sigma}.")
+        if descriptor is not None and edge_sigma > 0:
+            raise ValueError("edge_sigma and descriptor are two input views: give one of them.")
+        if descriptor_channels < 1:
+            raise ValueError(f"descriptor_channels must be >= 1, got {descriptor_channels}.")
         act = ("leakyrelu", {"negative_slope": negative_slope})
         super().__init__(
             spatial_dims=3,
-            in_channels=2,
+            in_channels=2 * descriptor_channels if descriptor is not None else 2,
             unet_out_channels=unet_out_channels,
             channels=channels,
             final_conv_channels=final_conv_channels,
@@ -68,13 +81,15 @@ class DisplacementUNet(VoxelMorphUNet):
                 torch.nn.init.zeros_(module.bias)
         torch.nn.init.normal_(output.weight, std=output_std)
         torch.nn.init.zeros_(output.bias)
-        if edge_sigma < 0:
-            raise ValueError(f"edge_sigma must be >= 0, got {edge_sigma}.")
         # a buffer, not a parameter nor a state-dict entry: the weights stay loadable whatever the input view
         self.register_buffer("edge_kernel", gaussian_1d(torch.tensor(edge_sigma)) if edge_sigma > 0 else None, False)
+        self.descriptor = descriptor
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
         """Displacement ``[B, 3, X, Y, Z]`` (voxels) of a pair ``[B, 2, X, Y, Z]`` (moving, fixed)."""
+        if self.descriptor is not None:
+            with torch.no_grad():
+                pair = torch.cat([self.descriptor(pair[:, i : i + 1]) for i in range(2)], dim=1)
         if self.edge_kernel is not None:
             smoothed = separable_filtering(pair, [self.edge_kernel.to(pair)] * 3, mode="replicate")
             magnitude = torch.stack(torch.gradient(smoothed, dim=(2, 3, 4))).pow(2).sum(0).sqrt()
