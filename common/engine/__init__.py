@@ -1,6 +1,6 @@
 from .affine import AffineRegistration, AffineResult
 from .convex import CoupledConvexInitializer
-from .finetuning import TestTimeOptimizationInferer, native_bfloat16, working_shape
+from .finetuning import TestTimeOptimizationInferer, check_amp, native_bfloat16, network_fields, working_shape
 from .gate import ContrastGate, GatedStyleTransfer, local_correlation
 from .optimizer import BestState, adam, create_pair_engine
 from .protocols import (
@@ -31,9 +31,11 @@ __all__ = [
     "StartableModel",
     "TestTimeOptimizationInferer",
     "adam",
+    "check_amp",
     "create_pair_engine",
     "downsample_image",
     "local_correlation",
     "native_bfloat16",
+    "network_fields",
     "working_shape",
 ]

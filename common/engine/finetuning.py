@@ -32,6 +32,24 @@ def native_bfloat16(device: torch.device) -> bool:
     return False
 
 
+def check_amp(amp: bool | str) -> bool | str:
+    """``amp`` if it is a valid mixed-precision setting (True, False or ``"auto"``), else a clear error."""
+    if amp not in (True, False, "auto"):
+        raise ValueError(f"amp must be true, false or 'auto', got {amp!r}.")
+    return amp
+
+
+def network_fields(network: nn.Module, pair: torch.Tensor, amp: bool | str = False) -> list[torch.Tensor]:
+    """The displacements ``[B, 3, X, Y, Z]`` of ``network`` for ``pair``, one per stage (one for a single-stage
+    network), in float32. With ``amp`` the network runs under ``torch.autocast`` in bfloat16 (its convolutions: about
+    half their time where the device computes bfloat16 natively; ``"auto"``: only there, see :func:`native_bfloat16`,
+    since emulated it is slower); whatever consumes the fields (losses, optimiser) stays in float32."""
+    enabled = native_bfloat16(pair.device) if check_amp(amp) == "auto" else bool(amp)
+    with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=enabled):
+        fields = network(pair)
+    return [f.float() for f in stage_fields(fields)]
+
+
 def working_shape(
     shape: Sequence[int], spacing: Sequence[float], spacing_mm: float | None, multiple: int
 ) -> tuple[int, ...]:
@@ -72,9 +90,7 @@ class TestTimeOptimizationInferer(Inferer):
         objective_pair: what the objective compares: the ``"transformed"`` pair (as the network sees it) or the
             ``"original"`` one (the network alone sees the transform's output: e.g. a frozen backbone gets a
             style-transferred pair while the similarity keeps every detail of the images themselves).
-        amp: run the network under ``torch.autocast`` in bfloat16 (its convolutions; the fields it returns, the
-            objective and the optimiser stay in float32): about half the network's time where the device computes
-            bfloat16 natively; ``"auto"``: only there (:func:`native_bfloat16`), since emulated it is slower.
+        amp: run the network in bfloat16 (True, False or ``"auto"``: see :func:`network_fields`).
     """
 
     def __init__(
@@ -94,8 +110,6 @@ class TestTimeOptimizationInferer(Inferer):
         amp: bool | str = False,
     ) -> None:
         super().__init__()
-        if amp not in (True, False, "auto"):
-            raise ValueError(f"amp must be true, false or 'auto', got {amp!r}.")
         if objective_pair not in ("transformed", "original"):
             raise ValueError(f"objective_pair must be transformed or original, got {objective_pair!r}.")
         self.objective_pair = objective_pair
@@ -108,14 +122,7 @@ class TestTimeOptimizationInferer(Inferer):
         self.progress = progress
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
         self.pair_transform = pair_transform
-        self.amp = amp
-
-    def _fields(self, model: nn.Module, pair: torch.Tensor) -> list[torch.Tensor]:
-        """The network's fields for ``pair``, one per stage (one for a single-stage network), in float32."""
-        enabled = native_bfloat16(pair.device) if self.amp == "auto" else bool(self.amp)
-        with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=enabled):
-            fields = model(pair)
-        return [f.float() for f in stage_fields(fields)]
+        self.amp = check_amp(amp)
 
     def __call__(  # type: ignore[override]
         self,
@@ -158,7 +165,7 @@ class TestTimeOptimizationInferer(Inferer):
 
             def step() -> dict[str, float]:
                 optimizer.zero_grad(set_to_none=True)
-                fields = self._fields(model, pair)
+                fields = network_fields(model, pair, self.amp)
                 loss = self.objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
@@ -178,5 +185,5 @@ class TestTimeOptimizationInferer(Inferer):
             stats.iterations, stats.final_loss = [engine.state.iteration], best.loss
         stats.stage_time_s = [time.perf_counter() - start]
         with torch.no_grad():
-            ddf = self._fields(model.eval(), pair)[-1]
+            ddf = network_fields(model.eval(), pair, self.amp)[-1]
             return RegistrationResult(resize_ddf(ddf, shape), stats, resize_ddf(invert_ddf(ddf), shape))

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine
 
+from common.engine.finetuning import check_amp, network_fields
 from common.metrics.overlap import dice_per_label, mean_dict
-from common.spatial.fields import stage_fields, warp
+from common.spatial.fields import warp
 
 __all__ = ["PairDiceIteration", "PairRegistrationIteration", "TransformedPair", "ordered_pairs"]
 
@@ -64,23 +65,26 @@ class PairRegistrationIteration:
     :func:`common.networks.frozen` and on the training device) its displacement for the same pair is passed on for
     distillation, else None; ``known`` holds what the batch knows of the pair among :attr:`known_keys` (the label maps
     of a synthetic pair, the displacement it was made with).
+
+    With ``amp`` (True, False or ``"auto"``: :func:`common.engine.network_fields`) the networks run in bfloat16, the
+    loss and the optimiser in float32: on a CPU with native bfloat16 a U-Net's step takes about 40 % of its float32 time.
     """
 
     known_keys = ("fixed_label", "moving_label", "target_ddf")
 
-    def __init__(self, teacher: nn.Module | None = None) -> None:
-        self.teacher = teacher
+    def __init__(self, teacher: nn.Module | None = None, amp: bool | str = False) -> None:
+        self.teacher, self.amp = teacher, check_amp(amp)
 
     def __call__(self, engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         pair, fixed, moving = _pair(engine, batch)
         teacher_ddf = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_ddf = self.teacher(pair)
+                teacher_ddf = network_fields(self.teacher, pair, self.amp)[-1]
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         known = {k: batch[k].to(fixed.device) for k in self.known_keys if k in batch}
-        stages = stage_fields(engine.network(pair))
+        stages = network_fields(engine.network, pair, self.amp)
         loss = engine.loss_function(
             ddf=stages[-1], stage_ddfs=stages, fixed=fixed, moving=moving, teacher_ddf=teacher_ddf, **known
         )
@@ -92,13 +96,16 @@ class PairRegistrationIteration:
 class PairDiceIteration:
     """One validation step: mean Dice between the fixed label map and the moving one warped (nearest neighbour) by the
     network's displacement (the last stage's, for a network of several), over the labels present in both; also the Dice
-    before registration."""
+    before registration. ``amp`` as in :class:`PairRegistrationIteration`."""
+
+    def __init__(self, amp: bool | str = False) -> None:
+        self.amp = check_amp(amp)
 
     def __call__(self, engine: Engine, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         pair, _, _ = _pair(engine, batch)
         engine.network.eval()
         with torch.no_grad():
-            ddf = stage_fields(engine.network(pair))[-1]
+            ddf = network_fields(engine.network, pair, self.amp)[-1]
             moving_label = batch["moving_label"].to(ddf.device).float()
             warped = warp(moving_label, ddf, mode="nearest")
         fixed_label = batch["fixed_label"]
