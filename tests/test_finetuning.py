@@ -7,6 +7,8 @@ import torch
 
 from common.engine import TestTimeOptimizationInferer, working_shape
 from common.losses import (
+    MINDSSC,
+    DescriptorSimilarity,
     DisplacementDivergenceLoss,
     DisplacementSmoothnessLoss,
     EndPointErrorLoss,
@@ -128,6 +130,39 @@ def test_objective_prefers_the_aligning_field_and_distils_from_a_teacher():
         RegistrationObjective({"smoothness": DisplacementSmoothnessLoss()}, {"mi": 1.0})
     with pytest.raises(TypeError, match="inputs"):
         RegistrationObjective({"mse": torch.nn.MSELoss()}, {"mse": 1.0})
+
+
+def test_descriptor_similarity_prefers_the_aligning_field_across_contrasts_and_reads_only_the_mask():
+    labels = phantom_labels((30, 34, 28))
+    fixed = torch.as_tensor(render_contrast(labels, "t2", seed=1))[None, None]
+    moving = torch.roll(torch.as_tensor(render_contrast(labels, "t1", seed=2))[None, None], 2, dims=2)
+    aligning = torch.zeros(1, 3, 30, 34, 28)
+    aligning[:, 0] = 2.0
+    term = DescriptorSimilarity(MINDSSC())
+    at_truth, at_zero = term(aligning, moving, fixed), term(torch.zeros_like(aligning), moving, fixed)
+    assert at_truth < 0.6 * at_zero, (at_truth, at_zero)
+    # a gradient reaches the field and points towards the aligning shift (+x) where the images overlap
+    ddf = torch.zeros_like(aligning, requires_grad=True)
+    term(ddf, moving, fixed).backward()
+    assert -ddf.grad[0, 0][labels > 0].sum() > 0
+    # with a mask, voxels outside it do not count: scrambling them changes nothing
+    mask = torch.zeros(1, 1, 30, 34, 28)
+    mask[..., 8:22, 8:26, 8:20] = 1.0
+    scrambled = fixed.clone()
+    scrambled[mask == 0] = torch.rand(int((mask == 0).sum()))
+    inside = term(aligning, moving, fixed, mask=mask)
+    # the descriptor reaches 3 voxels, so compare inside a mask shrunk by that much
+    core = torch.zeros_like(mask)
+    core[..., 11:19, 11:23, 11:17] = 1.0
+    assert term(aligning, moving, scrambled, mask=core) == pytest.approx(
+        term(aligning, moving, fixed, mask=core).item()
+    )
+    assert inside != pytest.approx(term(aligning, moving, fixed).item())
+    # descriptors are reused only while the same image is unchanged
+    changed = fixed.clone()
+    before = term(aligning, moving, changed)
+    changed.copy_(torch.roll(fixed, 3, dims=3))  # in place: the anatomy moved
+    assert term(aligning, moving, changed) != pytest.approx(before.item())
 
 
 def test_global_ncc_is_minus_one_for_an_affine_copy_and_near_zero_for_noise():

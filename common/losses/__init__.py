@@ -9,6 +9,7 @@ from .mutual_information import (
     patch_groups,
 )
 from .objective import (
+    DescriptorSimilarity,
     EndPointErrorLoss,
     EngineTerm,
     ImageSimilarity,
@@ -31,6 +32,7 @@ from .regularizers import (
 
 __all__ = [
     "MINDSSC",
+    "DescriptorSimilarity",
     "DisplacementDivergenceLoss",
     "DisplacementSmoothnessLoss",
     "EndPointErrorLoss",

@@ -14,6 +14,7 @@ from monai.networks.layers import GaussianFilter
 from common.spatial.fields import warp
 
 __all__ = [
+    "DescriptorSimilarity",
     "EndPointErrorLoss",
     "EngineTerm",
     "ImageSimilarity",
@@ -62,6 +63,47 @@ class ImageSimilarity(nn.Module):
         if mask is None:
             return self.similarity(warped, fixed)
         return self.similarity(warped, fixed, mask=mask)
+
+
+class DescriptorSimilarity(nn.Module):
+    """Mean squared difference of local descriptors (e.g. MIND-SSC, ``[B, C, X, Y, Z]``) of the fixed image and of the
+    moving image, the moving one's descriptor warped by ``ddf``; given the objective's ``mask``, inside it only.
+
+    Descriptors compare local self-similarity rather than intensities, so their squared difference is a dense,
+    contrast-independent similarity (``node_mind``'s); warping the moving descriptor instead of recomputing it on the
+    warped image is equal for smooth fields and costs one warp. The images carry no gradient, so both descriptors are
+    computed without one, and kept while the same, unchanged image tensors come back (an optimiser's iterations on one
+    pair).
+
+    Args:
+        descriptor: module ``[B, 1, X, Y, Z] -> [B, C, X, Y, Z]``.
+    """
+
+    inputs = ("ddf", "moving", "fixed")
+    optional_inputs = ("mask",)
+
+    def __init__(self, descriptor: nn.Module) -> None:
+        super().__init__()
+        self.descriptor = descriptor
+        self._described: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def _describe(self, name: str, image: torch.Tensor) -> torch.Tensor:
+        kept = self._described.get(name)
+        if kept is None or kept[0] is not image or kept[1] != image._version:
+            with torch.no_grad():
+                kept = (image, image._version, self.descriptor(image))
+            self._described[name] = kept
+        return kept[2]
+
+    def forward(
+        self, ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        moving_d, fixed_d = self._describe("moving", moving), self._describe("fixed", fixed)
+        values = (warp(moving_d, ddf) - fixed_d).pow(2).mean(1, keepdim=True)
+        if mask is None:
+            return values.mean()
+        weights = mask.to(values)
+        return (values * weights).sum() / weights.sum().clamp_min(1e-6)
 
 
 def pair_mask(
