@@ -80,8 +80,6 @@ class TestTimeOptimizationInferer(Inferer):
         learning_rate: Adam learning rate.
         warmup_steps: the learning rate rises linearly from ``learning_rate / warmup_steps`` to ``learning_rate`` over
             these first steps (0: constant).
-        final_lr_fraction: after the warm-up the rate falls along a half cosine to this fraction of ``learning_rate``
-            at the end of the run, the end being whichever limit (iterations or time budget) is nearer; 1: constant.
         spacing_mm: voxel size of the working grid (the one the network was trained at); None keeps the image's.
         multiple: the working grid's sides are multiples of this (16 for a U-Net with four poolings).
         progress: show a progress bar.
@@ -103,7 +101,6 @@ class TestTimeOptimizationInferer(Inferer):
         time_budget_s: float | None = 60.0,
         learning_rate: float = 1e-3,
         warmup_steps: int = 0,
-        final_lr_fraction: float = 1.0,
         spacing_mm: float | None = None,
         multiple: int = 16,
         progress: bool = True,
@@ -122,9 +119,6 @@ class TestTimeOptimizationInferer(Inferer):
             raise ValueError(f"warmup_steps must not be negative, got {warmup_steps}.")
         self.learning_rate, self.spacing_mm, self.multiple = learning_rate, spacing_mm, multiple
         self.warmup_steps = warmup_steps
-        if not 0.0 <= final_lr_fraction <= 1.0:
-            raise ValueError(f"final_lr_fraction must be in [0, 1], got {final_lr_fraction}.")
-        self.final_lr_fraction = final_lr_fraction
         self.progress = progress
         self.normalize = normalize or ScaleIntensityRangePercentiles(0.5, 99.5, b_min=0.0, b_max=1.0, clip=True)
         self.pair_transform = pair_transform
@@ -166,16 +160,7 @@ class TestTimeOptimizationInferer(Inferer):
         if self.iterations > 0:
             optimizer = adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
             warmup = max(self.warmup_steps, 1)
-
-            def rate(i: int) -> float:
-                done = i / self.iterations
-                if self.time_budget_s:
-                    done = max(done, (time.perf_counter() - start) / self.time_budget_s)
-                done = min(done, 1.0)
-                decay = self.final_lr_fraction + (1 - self.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * done))
-                return min(1.0, (i + 1) / warmup) * decay
-
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
             best = BestState()
 
             def step() -> dict[str, float]:
