@@ -13,6 +13,8 @@ from monai.networks.layers import GaussianFilter
 
 from common.spatial.fields import warp
 
+from .reduction import MaskedVoxelMean
+
 __all__ = [
     "DescriptorSimilarity",
     "EndPointErrorLoss",
@@ -85,6 +87,7 @@ class DescriptorSimilarity(nn.Module):
     def __init__(self, descriptor: nn.Module) -> None:
         super().__init__()
         self.descriptor = descriptor
+        self.mean = MaskedVoxelMean(nn.MSELoss(reduction="none"))
         self._described: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def _describe(self, name: str, image: torch.Tensor) -> torch.Tensor:
@@ -99,11 +102,7 @@ class DescriptorSimilarity(nn.Module):
         self, ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         moving_d, fixed_d = self._describe("moving", moving), self._describe("fixed", fixed)
-        values = (warp(moving_d, ddf) - fixed_d).pow(2).mean(1, keepdim=True)
-        if mask is None:
-            return values.mean()
-        weights = mask.to(values)
-        return (values * weights).sum() / weights.sum().clamp_min(1e-6)
+        return self.mean(warp(moving_d, ddf), fixed_d, mask=mask)
 
 
 def pair_mask(
