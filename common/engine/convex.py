@@ -103,7 +103,9 @@ class CoupledConvexInitializer(nn.Module):
         points = target.shape[2:]
         inside = target[0, -1] > 0.5
         offsets = list(itertools.product(range(-radius, radius + 1), repeat=3))
+        displacements = torch.tensor(offsets, dtype=fixed.dtype, device=fixed.device) * fixed.new_tensor(steps)
         costs, compared = fixed.new_empty(len(offsets), *points), fixed.new_empty(len(offsets), *points)
+        target, difference = target[0, :-1], target.new_empty(target.shape[1] - 1, *points)
         # the search points of each displacement are a strided view of the moving descriptor: taking each phase's
         # subsample once makes every view a contiguous block (one phase when the step is a multiple of the stride)
         phases: dict[tuple[int, ...], torch.Tensor] = {}
@@ -111,27 +113,33 @@ class CoupledConvexInitializer(nn.Module):
             begin = [r + o * st for r, o, st in zip(reach, offset, steps, strict=True)]
             phase = tuple(b % s for b, s in zip(begin, stride, strict=True))
             if phase not in phases:
-                phases[phase] = padded[:, :, phase[0] :: stride[0], phase[1] :: stride[1], phase[2] :: stride[2]]
+                phases[phase] = padded[0, :, phase[0] :: stride[0], phase[1] :: stride[1], phase[2] :: stride[2]]
                 phases[phase] = phases[phase].contiguous()
             first = [b // s for b, s in zip(begin, stride, strict=True)]
             shifted = phases[phase][
-                :,
                 :,
                 first[0] : first[0] + points[0],
                 first[1] : first[1] + points[1],
                 first[2] : first[2] + points[2],
             ]
-            compared[k] = inside & (shifted[0, -1] > 0.5)
-            costs[k] = (target[:, :-1] - shifted[:, :-1]).square().mean(1)[0] * compared[k]
-        # each point's neighbourhood of compared points, weighted by how many were compared
-        pooled = [_box_smooth(x[None], 3, passes=1)[0] for x in (costs, compared)]
-        known = pooled[1] > 0
-        costs = pooled[0] / pooled[1].clamp_min(torch.finfo(costs.dtype).tiny)
-        costs = costs / costs[known].mean().clamp_min(torch.finfo(costs.dtype).tiny) if known.any() else costs + 1
+            torch.gt(shifted[-1], 0.5, out=compared[k])
+            compared[k] *= inside
+            # in place into preallocated buffers: the search is bound by memory traffic, not arithmetic
+            torch.sub(target, shifted[:-1], out=difference)
+            torch.mean(difference.square_(), dim=0, out=costs[k])
+        # each point's neighbourhood of compared points, weighted by how many were compared (all of them when
+        # neither image has a mask, which needs no second pooling)
+        tiny, every = torch.finfo(costs.dtype).tiny, bool(compared.all())
+        costs = _box_smooth((costs if every else costs * compared)[None], 3, passes=1)[0]
+        if every:
+            return costs / costs.mean().clamp_min(tiny), displacements
+        counts = _box_smooth(compared[None], 3, passes=1)[0]
+        known = counts > 0
+        costs /= counts.clamp_min(tiny)
+        costs = costs / costs[known].mean().clamp_min(tiny) if known.any() else costs + 1
         # a displacement that compares nothing (outside the masks) is neither preferred nor avoided
         neutral = (costs * known).sum(0) / known.sum(0).clamp_min(1)
         costs = torch.where(known, costs, torch.where(known.any(0), neutral, torch.ones_like(neutral)))
-        displacements = torch.tensor(offsets, dtype=fixed.dtype, device=fixed.device) * fixed.new_tensor(steps)
         return costs, displacements
 
     @torch.no_grad()
@@ -179,12 +187,14 @@ class CoupledConvexInitializer(nn.Module):
         points, costs = costs.shape[1:], costs.flatten(1)
         in_mm = displacements * displacements.new_tensor(spacing)
         squared = in_mm.square().sum(1, keepdim=True)
-        field = displacements[costs.argmin(0)].T.reshape(1, 3, *points)
+        # points by displacements, so that each point's choice reduces over contiguous memory
+        costs = costs.T.contiguous()
+        field = displacements[costs.argmin(1)].T.reshape(1, 3, *points)
         for weight in self.coupling:
             smoothed = _box_smooth(field, self.smoothing_cells) * field.new_tensor(spacing).view(1, 3, 1, 1, 1)
             # |d - s|^2 = |d|^2 - 2 d.s + |s|^2, whose last term is the same for every d of a point
-            penalty = weight * (squared - 2 * in_mm @ smoothed.flatten(2)[0])
-            field = displacements[(costs + penalty).argmin(0)].T.reshape(1, 3, *points)
+            penalized = torch.addmm(costs, smoothed.flatten(2)[0].T, in_mm.T, alpha=-2 * weight)
+            field = displacements[penalized.add_(squared.T, alpha=weight).argmin(1)].T.reshape(1, 3, *points)
         # in voxels of the search grid, as resize_ddf reads a field
         field = _box_smooth(field, self.smoothing_cells) / field.new_tensor(stride).view(1, 3, 1, 1, 1)
         return resize_ddf(field, extent)[:, :, : shape[0], : shape[1], : shape[2]]
