@@ -2,7 +2,7 @@ from .affine import AffineRegistration, AffineResult
 from .convex import CoupledConvexInitializer
 from .finetuning import TestTimeOptimizationInferer, check_amp, native_bfloat16, network_fields, working_shape
 from .gate import ContrastGate, GatedStyleTransfer, local_correlation
-from .optimizer import BestState, adam, create_pair_engine
+from .optimizer import BestState, PairAdam, create_pair_engine
 from .protocols import (
     InvertibleModel,
     LocalDescriptor,
@@ -24,13 +24,13 @@ __all__ = [
     "InstanceOptimizationInferer",
     "InvertibleModel",
     "LocalDescriptor",
+    "PairAdam",
     "PairRegistration",
     "PatchSimilarity",
     "RegistrationResult",
     "RegistrationStats",
     "StartableModel",
     "TestTimeOptimizationInferer",
-    "adam",
     "check_amp",
     "create_pair_engine",
     "downsample_image",

@@ -17,6 +17,7 @@ from common.io.errors import RegistrationInputError
 from common.losses.mutual_information import _weights_mutual_information, parzen_weights
 from common.spatial import identity_grid, sample_at, scaled_shape
 
+from .optimizer import PairAdam
 from .registration import downsample_image
 
 __all__ = ["AffineRegistration", "AffineResult"]
@@ -325,14 +326,14 @@ class AffineRegistration:
         angles = torch.zeros(3, device=device, requires_grad=True)
         delta = torch.zeros(3, 3, device=device, requires_grad=True)
         params = [shift, angles] if stage == "rigid" else [shift, delta]
-        optimizer = torch.optim.Adam(params, lr=rate)
+        optimizer = PairAdam(params, lr=rate)
 
         def current() -> torch.Tensor:
             return _rotation(angles) @ base if stage == "rigid" else base + delta
 
         best = (math.inf, base.detach().clone(), shift.detach().clone() * 100)
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss = self._objective(level, current(), shift * 100)
             if loss.item() < best[0]:
                 best = (loss.item(), current().detach().clone(), shift.detach().clone() * 100)

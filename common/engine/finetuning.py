@@ -16,7 +16,7 @@ from monai.utils import convert_to_tensor
 from common.losses.objective import RegistrationObjective
 from common.spatial.fields import invert_ddf, resize_ddf, stage_fields
 
-from .optimizer import BestState, adam, create_pair_engine
+from .optimizer import BestState, PairAdam, create_pair_engine
 from .protocols import RegistrationResult, RegistrationStats
 from .registration import downsample_image
 
@@ -158,19 +158,18 @@ class TestTimeOptimizationInferer(Inferer):
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
         if self.iterations > 0:
-            optimizer = adam([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
-            warmup = max(self.warmup_steps, 1)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+            optimizer = PairAdam(
+                [p for p in model.parameters() if p.requires_grad], lr=self.learning_rate, warmup=self.warmup_steps
+            )
             best = BestState()
 
             def step() -> dict[str, float]:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 fields = network_fields(model, pair, self.amp)
                 loss = self.objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()
-                schedule.step()
                 return {"loss": loss.item()}
 
             engine = create_pair_engine(

@@ -30,7 +30,7 @@ from common.spatial import (
     warp_at,
 )
 
-from .optimizer import BestState, adam, create_pair_engine
+from .optimizer import BestState, PairAdam, create_pair_engine
 from .protocols import (
     InvertibleModel,
     LocalDescriptor,
@@ -339,7 +339,7 @@ class InstanceOptimizationInferer(Inferer):
                         f"{type(new).__name__} cannot start from a displacement (initializer, new flow grid)."
                     )
                 new.start_from(displacement)
-            return new, adam(new.parameters(), lr=self.learning_rate, amsgrad=True)
+            return new, PairAdam(new.parameters(), lr=self.learning_rate, amsgrad=True)
 
         previous = None
         for level, (grid, num_iterations, warp_descriptor, flow_shape) in enumerate(
@@ -383,7 +383,7 @@ class InstanceOptimizationInferer(Inferer):
                 model=model,
                 optimizer=optimizer,
             ) -> dict[str, float]:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 displacement, velocity = model()
                 sim = self._similarity(displacement, source, target, warp_descriptor, *masks)
                 loss = self.objective(similarity=sim, ddf=displacement, velocity=velocity)
