@@ -212,6 +212,38 @@ def test_each_stage_warps_or_recomputes_the_moving_descriptor_as_told():
     assert ddf[0, 0].mean() > 1.0, ddf[0, 0].mean()
 
 
+def test_with_amp_a_learned_descriptor_runs_in_bfloat16_and_the_pair_is_still_registered():
+    """``amp=True``: the descriptor's convolutions run in bfloat16, what the optimisation sees stays float32, and a
+    shift is recovered as in float32."""
+    fixed = torch.as_tensor(render_contrast(phantom_labels(), "t1", seed=0))[None, None]
+    moving = torch.roll(fixed, 2, dims=2)
+
+    class Recorded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.dtypes = torch.nn.Conv3d(1, 4, 3, padding=1), set()
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            out = self.conv(image)
+            self.dtypes.add(out.dtype)
+            return out
+
+    shifts = {}
+    for amp, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        descriptor = Recorded()
+        ddf = _inferer(descriptor=descriptor, warp_descriptor=False, iterations=(40,), amp=amp)(
+            fixed, moving, spacing=(1.0, 1.0, 1.0)
+        ).ddf
+        assert descriptor.dtypes == {dtype}
+        assert ddf.dtype == torch.float32
+        shifts[amp] = ddf[0, 0].mean().item()
+    assert shifts[True] > 1.0, shifts
+    assert abs(shifts[True] - shifts[False]) < 0.2, shifts
+    with pytest.raises(ValueError, match="amp must be"):
+        _inferer(amp="bf16")
+
+
 def test_best_state_restores_the_lowest_loss_parameters():
     module = torch.nn.Linear(2, 1)
     best = BestState()

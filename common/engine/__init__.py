@@ -1,8 +1,9 @@
 from .affine import AffineRegistration, AffineResult
 from .convex import CoupledConvexInitializer
-from .finetuning import TestTimeOptimizationInferer, check_amp, native_bfloat16, network_fields, working_shape
+from .finetuning import TestTimeOptimizationInferer, network_fields, working_shape
 from .gate import ContrastGate, GatedStyleTransfer, local_correlation
 from .optimizer import BestState, PairAdam, create_pair_engine
+from .precision import autocast_bfloat16, check_amp, native_bfloat16
 from .protocols import (
     InvertibleModel,
     LocalDescriptor,
@@ -31,6 +32,7 @@ __all__ = [
     "RegistrationStats",
     "StartableModel",
     "TestTimeOptimizationInferer",
+    "autocast_bfloat16",
     "check_amp",
     "create_pair_engine",
     "downsample_image",

@@ -17,35 +17,16 @@ from common.losses.objective import RegistrationObjective
 from common.spatial.fields import invert_ddf, resize_ddf, stage_fields
 
 from .optimizer import BestState, PairAdam, create_pair_engine
+from .precision import autocast_bfloat16, check_amp
 from .protocols import RegistrationResult, RegistrationStats
 from .registration import downsample_image
 
 
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU that supports it without emulation, or a CPU with
-    AVX-512 BF16, AMX or Arm's BF16 instructions."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.10; before it, assume none
-    if device.type == "cpu" and capabilities is not None:
-        return any(capabilities().get(flag, False) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
-    return False
-
-
-def check_amp(amp: bool | str) -> bool | str:
-    """``amp`` if it is a valid mixed-precision setting (True, False or ``"auto"``), else a clear error."""
-    if amp not in (True, False, "auto"):
-        raise ValueError(f"amp must be true, false or 'auto', got {amp!r}.")
-    return amp
-
-
 def network_fields(network: nn.Module, pair: torch.Tensor, amp: bool | str = False) -> list[torch.Tensor]:
     """The displacements ``[B, 3, X, Y, Z]`` of ``network`` for ``pair``, one per stage (one for a single-stage
-    network), in float32. With ``amp`` the network runs under ``torch.autocast`` in bfloat16 (its convolutions: about
-    half their time where the device computes bfloat16 natively; ``"auto"``: only there, see :func:`native_bfloat16`,
-    since emulated it is slower); whatever consumes the fields (losses, optimiser) stays in float32."""
-    enabled = native_bfloat16(pair.device) if check_amp(amp) == "auto" else bool(amp)
-    with torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=enabled):
+    network), in float32. With ``amp`` the network runs in bfloat16 (:func:`~common.engine.autocast_bfloat16`);
+    whatever consumes the fields (losses, optimiser) stays in float32."""
+    with autocast_bfloat16(pair.device, amp):
         fields = network(pair)
     return [f.float() for f in stage_fields(fields)]
 

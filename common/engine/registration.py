@@ -31,6 +31,7 @@ from common.spatial import (
 )
 
 from .optimizer import BestState, PairAdam, create_pair_engine
+from .precision import autocast_bfloat16, check_amp
 from .protocols import (
     InvertibleModel,
     LocalDescriptor,
@@ -120,6 +121,9 @@ class InstanceOptimizationInferer(Inferer):
             ``[1, 3, X, Y, Z]`` (voxels of the image grid, e.g. :class:`~common.engine.CoupledConvexInitializer`) on
             the normalised full-resolution images; the model (a :class:`~common.engine.StartableModel`) starts from
             it instead of the identity.
+        amp: compute the descriptor in bfloat16 (True, False or ``"auto"``: only where the hardware computes it,
+            :func:`~common.engine.autocast_bfloat16`), for a learned descriptor whose convolutions dominate an
+            iteration; the similarity, the field and the optimiser stay in float32.
     """
 
     def __init__(
@@ -144,9 +148,11 @@ class InstanceOptimizationInferer(Inferer):
         sample_block: int = 16,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         initializer: Callable[..., torch.Tensor] | None = None,
+        amp: bool | str = False,
     ) -> None:
         super().__init__()
         self.model_factory, self.initializer = model_factory, initializer
+        self.amp = check_amp(amp)
         if len(levels) != len(iterations):
             raise ValueError(f"levels {list(levels)} and iterations {list(iterations)} must have the same length.")
         if levels_unit not in ("factor", "mm"):
@@ -181,7 +187,10 @@ class InstanceOptimizationInferer(Inferer):
         return tuple(max(2, math.ceil(s / level)) for s in shape)
 
     def _describe(self, image: torch.Tensor) -> torch.Tensor:
-        return image if self.descriptor is None else self.descriptor(image)
+        if self.descriptor is None:
+            return image
+        with autocast_bfloat16(image.device, self.amp):
+            return self.descriptor(image).float()
 
     def _blocks(self, shape: Sequence[int]) -> tuple[list[int], int]:
         """Side and number of the random blocks of recomputed descriptors on a grid of ``shape``."""

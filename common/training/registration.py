@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine
 
-from common.engine.finetuning import check_amp, network_fields
+from common.engine.finetuning import network_fields
+from common.engine.precision import check_amp
 from common.metrics.overlap import dice_per_label, mean_dict
 from common.spatial.fields import warp
 
