@@ -251,6 +251,17 @@ def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engi
     assert decisions["transferred"] == "both", decisions
     with pytest.raises(ValueError, match="needs a gate"):
         GatedStyleTransfer(Oracle(), None, transfer="auto")
+    # the synthesizer in bfloat16 returns float32 images close to its float32 run (mean difference)
+    torch.manual_seed(0)
+    network, crop = BrainIDSynthesizer(f_maps=4, levels=3), (..., slice(72), slice(80), slice(92))
+    exact, half = (
+        GatedStyleTransfer(network, ContrastGate(), amp=amp)(t1[crop], t2[crop], (2.0, 2.0, 2.0))
+        for amp in (False, True)
+    )
+    assert half[0].dtype == half[1].dtype == torch.float32 and half[2]["transferred"] == exact[2]["transferred"]
+    assert 0 < max(float((h - e).abs().mean()) for h, e in zip(half[:2], exact[:2])) < 0.01
+    with pytest.raises(ValueError, match="amp"):
+        GatedStyleTransfer(network, ContrastGate(), amp="half")
 
     seen = {}
 

@@ -11,6 +11,7 @@ from monai.networks.layers import GaussianFilter
 
 from common.spatial import scaled_shape
 
+from .precision import autocast_bfloat16, check_amp
 from .registration import downsample_image
 
 __all__ = ["ContrastGate", "GatedStyleTransfer", "local_correlation"]
@@ -75,16 +76,24 @@ class GatedStyleTransfer(nn.Module):
             both are transferred, and the one the gate finds closer in contrast to its own transfer keeps its original
             intensities when that correlation passes the gate's threshold (it is T1-like already, and the
             synthesizer would only blur it); otherwise both are replaced.
+        amp: run the synthesizer in bfloat16 (True, False or ``"auto"``: :func:`~common.engine.autocast_bfloat16`);
+            its output returns in float32.
     """
 
-    def __init__(self, synthesizer: nn.Module | None, gate: ContrastGate | None = None, transfer: str = "both") -> None:
+    def __init__(
+        self,
+        synthesizer: nn.Module | None,
+        gate: ContrastGate | None = None,
+        transfer: str = "both",
+        amp: bool | str = False,
+    ) -> None:
         super().__init__()
         if transfer not in ("both", "fixed", "moving", "auto"):
             raise ValueError(f"transfer must be both, fixed, moving or auto, got {transfer!r}.")
         if transfer == "auto" and gate is None:
             raise ValueError("transfer='auto' needs a gate: its threshold decides which image is T1-like already.")
         self.synthesizer = synthesizer.requires_grad_(False).eval() if synthesizer is not None else None
-        self.gate, self.transfer = gate, transfer
+        self.gate, self.transfer, self.amp = gate, transfer, check_amp(amp)
 
     def train(self, mode: bool = True) -> GatedStyleTransfer:
         super().train(mode)
@@ -106,10 +115,10 @@ class GatedStyleTransfer(nn.Module):
         decisions["style_transfer"] = transfer
         if not transfer:
             return fixed, moving, decisions
-        with torch.no_grad():
-            images = {"fixed": fixed, "moving": moving}
-            names = ("fixed", "moving") if self.transfer in ("both", "auto") else (self.transfer,)
-            transferred = {name: self.synthesizer(images[name]).clamp(0, 1) for name in names}
+        images = {"fixed": fixed, "moving": moving}
+        names = ("fixed", "moving") if self.transfer in ("both", "auto") else (self.transfer,)
+        with torch.no_grad(), autocast_bfloat16(fixed.device, self.amp):
+            transferred = {name: self.synthesizer(images[name]).float().clamp(0, 1) for name in names}
         if self.transfer == "auto":
             likeness = {name: self._likeness(images[name], transferred[name], spacing) for name in names}
             decisions.update({f"{name}_t1_correlation": value for name, value in likeness.items()})

@@ -145,15 +145,13 @@ class VFA(nn.Module):
         """Softmax-weighted unit offsets ``[B, 3, *S]`` of each query voxel among the 27 neighbours of ``key``."""
         channels, shape = key.shape[1], key.shape[2:]
         padded = F.pad(key, [1] * 6, mode="replicate")
-        neighbours = torch.stack(
-            [
-                padded[:, :, 1 + a : 1 + a + shape[0], 1 + b : 1 + b + shape[1], 1 + c : 1 + c + shape[2]]
-                for a, b, c in self.offsets.long().tolist()
-            ],
-            dim=2,
-        )  # [B, C, 27, *S]
-        scores = (query.unsqueeze(2) * neighbours).sum(1) / channels**0.5  # [B, 27, *S]
-        weights = torch.softmax(scores, dim=1)
+        x, y, z = shape
+        # one neighbour at a time: stacking the 27 shifted keys first would hold 27 copies of them
+        scores = [
+            (query * padded[:, :, 1 + a : 1 + a + x, 1 + b : 1 + b + y, 1 + c : 1 + c + z]).sum(1)
+            for a, b, c in self.offsets.long().tolist()
+        ]
+        weights = torch.softmax(torch.stack(scores, dim=1) / channels**0.5, dim=1)  # [B, 27, *S]
         return torch.einsum("bn...,nk->bk...", weights, self.offsets.to(weights))
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
