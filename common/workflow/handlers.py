@@ -66,7 +66,7 @@ class ImageWriter(PairOutputHandler):
         save_ddf_itk(output["ddf"][0].detach().cpu(), affine, folder / "ddf.nii.gz")
         if "fixed_to_moving" in output:
             save_affine_itk(output["fixed_to_moving"], folder / "affine.mat")
-        save_image(output["jacobian"].cpu(), affine, folder / "jacobian.nii.gz", dtype=np.float32)
+        save_image(output["jacobian"].cpu(), affine, folder / "jacobian.nii.gz", dtype=np.float32, compresslevel=0)
         if "warped_label" in output:
             save_image(output["warped_label"][0].cpu(), affine, folder / "warped_label.nii.gz", dtype=np.int32)
         if "inverse_ddf_moving" in output:
