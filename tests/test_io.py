@@ -296,6 +296,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert stored.get_data_dtype() == np.float32 and np.allclose(stored.affine, FIXED_AFFINE, atol=1e-5)
 
 
+def test_nifti_gz_at_any_compression_level_is_a_gzip_file_with_the_same_image(tmp_path):
+    """Fields are stored undeflated (level 0) for speed: still a ``.nii.gz`` that any reader opens."""
+    data = np.random.default_rng(0).normal(size=(16, 12, 8)).astype(np.float32)
+    data[:4] = 0  # some background, which deflate shrinks
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    for level in (0, 1):
+        save_image(data, affine, tmp_path / f"level{level}.nii.gz", compresslevel=level)
+        assert (tmp_path / f"level{level}.nii.gz").read_bytes()[:2] == b"\x1f\x8b"
+        image = nib.load(tmp_path / f"level{level}.nii.gz")
+        np.testing.assert_array_equal(image.get_fdata(dtype=np.float32), data)
+        np.testing.assert_allclose(image.affine, affine)
+    assert (tmp_path / "level0.nii.gz").stat().st_size > (tmp_path / "level1.nii.gz").stat().st_size
+
+
 def test_save_json_and_csv(tmp_path):
     save_json({"dice": np.float32(0.5), "per_label": torch.tensor([1.0, 2.0]), "file": tmp_path}, tmp_path / "m.json")
     expected = {"dice": 0.5, "per_label": [1.0, 2.0], "file": str(tmp_path)}
