@@ -300,7 +300,8 @@ def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engi
 
 def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_it_decided(tmp_path):
     """The bundle's inference config end to end on the embedded sample (untrained backbone, no synthesizer, five
-    refinement steps, a brain mask on the fixed image): the contract's outputs, the decision in metrics.json; and
+    refinement steps, a brain mask on the fixed image): the contract's outputs, the decisions (style transfer, start)
+    in metrics.json; and
     without its trained backbone file
     the user is told how to get one."""
     import json
@@ -329,7 +330,9 @@ def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_i
     assert workflow.check_properties() == []
     workflow.run()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["bundle"] == "vfa_brainid_adapter" and metrics["decisions"] == {"style_transfer": False}
+    decisions = metrics["decisions"]
+    assert metrics["bundle"] == "vfa_brainid_adapter" and decisions["style_transfer"] is False
+    assert decisions["start"] in ("backbone", "identity") and "start_loss_identity" in decisions
     assert metrics["fixed_mask"] == fixed_mask
     for name in ("warped.nii.gz", "ddf.nii.gz", "inverse_ddf.nii.gz", "jacobian.nii.gz"):
         assert (tmp_path / name).is_file(), name
@@ -361,3 +364,53 @@ def test_weights_that_do_not_fit_get_a_clear_error_and_extra_heads_are_left_out(
     torch.save({"model": state, "args": argparse.Namespace(f_maps=4)}, tmp_path / "official_style.pth")
     loaded = load_weights(BrainIDSynthesizer(f_maps=4, levels=3), str(tmp_path / "official_style.pth"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+
+
+class _Shift(torch.nn.Module):
+    """A stand-in frozen backbone that predicts one constant displacement, whatever the pair (a known start)."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return torch.full((fixed.shape[0], 3, *fixed.shape[2:]), self.shift)
+
+
+@pytest.mark.parametrize("true_shift, expected", [(0.0, "identity"), (2.0, "backbone")])
+def test_the_refiners_start_from_whichever_of_backbone_and_identity_fits_the_pair_better(true_shift, expected):
+    """With ``select_start`` the engine compares the objective at the backbone's field and at the identity before
+    any step: two renderings of one anatomy start from the identity (a backbone that moves everything by 2 voxels
+    would add that error), a pair that really is 2 voxels apart from the backbone; the choice and both losses are in
+    the stats, and the field found is near the true one."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    from common.engine import TestTimeOptimizationInferer
+    from common.losses import DisplacementSmoothnessLoss, RegistrationObjective, StageSimilarity
+    from common.networks import FrozenBackboneAdapter
+
+    from .conftest import phantom_labels
+
+    labels = phantom_labels((32, 32, 32))
+    true_ddf = torch.full((1, 3, 32, 32, 32), true_shift)
+    moved = warp(labels[None, None].float(), -true_ddf, mode="nearest")[0, 0]
+    fixed = torch.as_tensor(render_contrast(labels.numpy(), "t1", seed=1))[None, None]
+    moving = torch.as_tensor(render_contrast(moved.numpy(), "t1", seed=2))[None, None]
+    adapter = FrozenBackboneAdapter(_Shift(2.0), ProgressiveRefiner(scales=(4, 2, 1), channels=(8, 16)))
+    similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=7, kernel_type="gaussian")
+    objective = RegistrationObjective(
+        {"lncc": StageSimilarity(similarity), "diffusion": DisplacementSmoothnessLoss()},
+        {"lncc": 1.0, "diffusion": 1.0},
+    )
+    inferer = TestTimeOptimizationInferer(
+        adapter, objective, iterations=5, time_budget_s=None, multiple=16, progress=False, select_start=True
+    )
+    result = inferer(fixed, moving, (1.0, 1.0, 1.0))
+    decisions = result.stats.decisions
+    assert decisions["start"] == expected and adapter.start == "backbone"  # the engine's copy changed, not the network
+    assert set(decisions) >= {"start_loss_backbone", "start_loss_identity"}
+    inside = labels > 0
+    error = (result.ddf - true_ddf).norm(dim=1)[0][inside].mean()
+    assert error < 0.5, float(error)
+    with pytest.raises(ValueError, match="several starts"):
+        TestTimeOptimizationInferer(ProgressiveRefiner(), objective, select_start=True)

@@ -7,6 +7,7 @@ from .precision import autocast_bfloat16, check_amp, native_bfloat16
 from .protocols import (
     InvertibleModel,
     LocalDescriptor,
+    MultiStartModel,
     PairRegistration,
     PatchSimilarity,
     RegistrationResult,
@@ -25,6 +26,7 @@ __all__ = [
     "InstanceOptimizationInferer",
     "InvertibleModel",
     "LocalDescriptor",
+    "MultiStartModel",
     "PairAdam",
     "PairRegistration",
     "PatchSimilarity",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from common.spatial.fields import invert_ddf, resize_ddf, stage_fields
 
 from .optimizer import BestState, PairAdam, create_pair_engine
 from .precision import autocast_bfloat16, check_amp
-from .protocols import RegistrationResult, RegistrationStats
+from .protocols import MultiStartModel, RegistrationResult, RegistrationStats
 from .registration import downsample_image
 
 
@@ -72,6 +72,13 @@ class TestTimeOptimizationInferer(Inferer):
             ``"original"`` one (the network alone sees the transform's output: e.g. a frozen backbone gets a
             style-transferred pair while the similarity keeps every detail of the images themselves).
         amp: run the network in bfloat16 (True, False or ``"auto"``: see :func:`network_fields`).
+        select_start: a network with several starts (:class:`~common.engine.MultiStartModel`) begins the pair from the
+            one with the lowest objective before any step (its ``decisions``: ``start`` and each start's loss): e.g.
+            the identity for two scans of one anatomy, whose small differences a backbone trained across subjects
+            would exaggerate; False: from the network's own ``start``.
+        start_objectives: the objective optimised from a given start (by name) instead of ``objective``, e.g. a
+            stronger regulariser from the identity, where a pair that starts there holds one anatomy; the choice of
+            start always compares ``objective``.
     """
 
     def __init__(
@@ -89,8 +96,18 @@ class TestTimeOptimizationInferer(Inferer):
         pair_transform: nn.Module | None = None,
         objective_pair: str = "transformed",
         amp: bool | str = False,
+        select_start: bool = False,
+        start_objectives: Mapping[str, RegistrationObjective] | None = None,
     ) -> None:
         super().__init__()
+        if (select_start or start_objectives) and not isinstance(network, MultiStartModel):
+            raise ValueError(
+                f"select_start and start_objectives need a network with several starts, got {type(network).__name__}."
+            )
+        unknown = set(start_objectives or {}) - set(getattr(network, "starts", ()))
+        if unknown:
+            raise ValueError(f"start_objectives names starts the network lacks: {sorted(unknown)}.")
+        self.select_start, self.start_objectives = select_start, dict(start_objectives or {})
         if objective_pair not in ("transformed", "original"):
             raise ValueError(f"objective_pair must be transformed or original, got {objective_pair!r}.")
         self.objective_pair = objective_pair
@@ -138,6 +155,9 @@ class TestTimeOptimizationInferer(Inferer):
         pair = torch.cat([moving_w, fixed_w], dim=1)
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
+        if self.select_start:
+            stats.decisions.update(self._select_start(model, pair, images, masks))
+        objective = self.start_objectives.get(getattr(model, "start", None), self.objective)
         if self.iterations > 0:
             optimizer = PairAdam(
                 [p for p in model.parameters() if p.requires_grad], lr=self.learning_rate, warmup=self.warmup_steps
@@ -147,7 +167,7 @@ class TestTimeOptimizationInferer(Inferer):
             def step() -> dict[str, float]:
                 optimizer.zero_grad()
                 fields = network_fields(model, pair, self.amp)
-                loss = self.objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks)
+                loss = objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks)
                 loss.backward()
                 best.update(loss.item(), model)
                 optimizer.step()
@@ -167,3 +187,16 @@ class TestTimeOptimizationInferer(Inferer):
         with torch.no_grad():
             ddf = network_fields(model.eval(), pair, self.amp)[-1]
             return RegistrationResult(resize_ddf(ddf, shape), stats, resize_ddf(invert_ddf(ddf), shape))
+
+    def _select_start(
+        self, model: nn.Module, pair: torch.Tensor, images: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    ) -> dict[str, float | str]:
+        """Set ``model.start`` to the start with the lowest objective on this pair; the losses, for the report."""
+        losses = {}
+        with torch.no_grad():
+            for name in model.starts:
+                model.start = name
+                fields = network_fields(model, pair, self.amp)
+                losses[name] = float(self.objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks))
+        model.start = min(losses, key=losses.get)
+        return {"start": model.start} | {f"start_loss_{name}": loss for name, loss in losses.items()}

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "InvertibleModel",
     "LocalDescriptor",
+    "MultiStartModel",
     "PairRegistration",
     "PatchSimilarity",
     "RegistrationResult",
@@ -28,6 +29,15 @@ class LocalDescriptor(Protocol):
     reach: int
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class MultiStartModel(Protocol):
+    """A network that can begin a pair from one of several named fields (e.g. a frozen backbone's prediction or the
+    identity): ``starts`` names them, ``start`` is the one in use."""
+
+    starts: tuple[str, ...]
+    start: str
 
 
 @runtime_checkable

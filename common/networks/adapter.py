@@ -21,27 +21,41 @@ class FrozenBackboneAdapter(nn.Module):
     when the contrasts differ, happens before, on the pair itself (:class:`~common.engine.GatedStyleTransfer`), so
     that the refiners' similarity sees the transferred pair too.
 
+    The refiners start from the backbone's field or from the identity (``start``; ``starts`` lists those this adapter
+    has, so that an optimiser can try both: :class:`~common.engine.MultiStartModel`).
+
     Args:
         backbone: a mono-modal registration network, frozen here (e.g. :class:`~common.networks.VFA`); None: the
             identity.
         refiner: the per-pair trainable part (:class:`~common.networks.ProgressiveRefiner`).
+        start: ``"backbone"`` or ``"identity"`` (the only one without a backbone).
     """
 
-    def __init__(self, backbone: nn.Module | None, refiner: ProgressiveRefiner) -> None:
+    def __init__(self, backbone: nn.Module | None, refiner: ProgressiveRefiner, start: str = "backbone") -> None:
         super().__init__()
         self.backbone = None if backbone is None else backbone.requires_grad_(False).eval()
         self.refiner = refiner
+        self.starts = ("identity",) if backbone is None else ("backbone", "identity")
+        self.start = "identity" if backbone is None else start
         self._initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def start(self) -> str:
+        return self._start
+
+    @start.setter
+    def start(self, value: str) -> None:
+        if value not in self.starts:
+            raise ValueError(f"start must be one of {self.starts}, got {value!r}.")
+        self._start = value
+
     def initial_field(self, pair: torch.Tensor) -> torch.Tensor:
-        """The backbone's field for ``pair`` (zero without a backbone), computed once per pair tensor."""
+        """The field the refiners start from: the backbone's for ``pair`` (computed once per pair tensor), or zero."""
+        if self.start == "identity":
+            return pair.new_zeros(pair.shape[0], 3, *pair.shape[2:])
         if self._initial is None or self._initial[0] is not pair:
             with torch.no_grad():
-                if self.backbone is None:
-                    ddf = pair.new_zeros(pair.shape[0], 3, *pair.shape[2:])
-                else:
-                    ddf = self.backbone(pair[:, 1:], pair[:, :1])
-                self._initial = (pair, ddf)
+                self._initial = (pair, self.backbone(pair[:, 1:], pair[:, :1]))
         return self._initial[1]
 
     def forward(self, pair: torch.Tensor) -> list[torch.Tensor]:
