@@ -299,11 +299,9 @@ def test_the_gated_style_transfer_changes_only_cross_contrast_pairs_and_the_engi
 
 
 def test_the_bundle_registers_the_sample_with_untrained_networks_and_says_what_it_decided(tmp_path):
-    """The bundle's inference config end to end on the embedded sample (untrained backbone, no synthesizer, five
+    """The bundle's inference config end to end on the embedded sample (untrained backbone, no synthesizer, three
     refinement steps, a brain mask on the fixed image): the contract's outputs, the decisions (style transfer, start)
-    in metrics.json; and
-    without its trained backbone file
-    the user is told how to get one."""
+    in metrics.json; and without its trained backbone file the user is told how to get one."""
     import json
 
     from monai.bundle import ConfigWorkflow
