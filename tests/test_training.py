@@ -322,8 +322,8 @@ def test_adapter_multi_gpu_configs_train_what_one_process_trains(tmp_path, confi
 
 def test_the_adapter_networks_train_resume_and_load_into_the_inference_config(tmp_path):
     """Two tiny runs of each of vfa_brainid_adapter's training configs: the VFA backbone on T1-like pairs (val_dice
-    on the curve) and the Brain-ID style network (PSNR against the T1 rendering, and the input's own error beside
-    it); each resumes (the backbone also from a state without the optimizer's), and its weights load into the
+    on the curve) and the Brain-ID style network in bfloat16 (PSNR against the T1 rendering, and the input's own
+    error beside it); each resumes (the backbone also from a state without the optimizer's), and its weights load into the
     inference config's network of the official layout. Then the refiners' pretraining on the pairs as the adapter
     sees them (through those two networks): only the refiners change, and they load into the inference config."""
     backbone_dir, synth_dir = tmp_path / "backbone", tmp_path / "synth"
@@ -335,7 +335,12 @@ def test_the_adapter_networks_train_resume_and_load_into_the_inference_config(tm
             [sys.executable],
             _tto_kd_values(backbone_dir, epochs),
         )
-        synth_values = {**_tto_kd_values(synth_dir, epochs), "training_shape": [32, 32, 32]}
+        # the style network's step in bfloat16 where the CPU has it (MONAI's trainer autocasts only on CUDA)
+        synth_values = {
+            **_tto_kd_values(synth_dir, epochs),
+            "training_shape": [32, 32, 32],
+            "train#trainer#iteration_update#amp": "auto",
+        }
         _run(str(VFA_ADAPTER / "train_synth.json"), synth_dir, epochs, [sys.executable], synth_values)
     backbone_rows, synth_rows = _curve(backbone_dir), _curve(synth_dir)
     assert [r["iteration"] for r in backbone_rows] == ["2.0", "4.0"] and float(backbone_rows[-1]["val_dice_before"]) > 0

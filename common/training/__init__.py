@@ -13,6 +13,7 @@ from .distributed import on_rank
 from .reference import ReferenceDisplacementd
 from .registration import PairDiceIteration, PairRegistrationIteration, TransformedPair, ordered_pairs
 from .schedules import EpochStepLearningRate
+from .supervised import SupervisedIteration
 
 __all__ = [
     "HELD_OUT_SUBJECTS",
@@ -25,6 +26,7 @@ __all__ = [
     "RandShiftedViewsd",
     "ReferenceDisplacementd",
     "RetrievalIteration",
+    "SupervisedIteration",
     "TrainingCheckpoint",
     "TrainingCurve",
     "TransformedPair",
