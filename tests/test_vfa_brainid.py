@@ -375,12 +375,9 @@ class _Shift(torch.nn.Module):
         return torch.full((fixed.shape[0], 3, *fixed.shape[2:]), self.shift)
 
 
-@pytest.mark.parametrize("true_shift, expected", [(0.0, "identity"), (2.0, "backbone")])
-def test_the_refiners_start_from_whichever_of_backbone_and_identity_fits_the_pair_better(true_shift, expected):
-    """With ``select_start`` the engine compares the objective at the backbone's field and at the identity before
-    any step: two renderings of one anatomy start from the identity (a backbone that moves everything by 2 voxels
-    would add that error), a pair that really is 2 voxels apart from the backbone; the choice and both losses are in
-    the stats, and the field found is near the true one."""
+def _shifted_pair_engine(true_shift: float, **options):
+    """Phantom labels, a T1-like pair of them ``true_shift`` voxels apart along every axis, and an engine whose adapter
+    starts from a stand-in backbone that moves everything by 2 voxels."""
     from monai.losses import LocalNormalizedCrossCorrelationLoss
 
     from common.engine import TestTimeOptimizationInferer
@@ -401,8 +398,20 @@ def test_the_refiners_start_from_whichever_of_backbone_and_identity_fits_the_pai
         {"lncc": 1.0, "diffusion": 1.0},
     )
     inferer = TestTimeOptimizationInferer(
-        adapter, objective, iterations=5, time_budget_s=None, multiple=16, progress=False, select_start=True
+        adapter, objective, time_budget_s=None, multiple=16, progress=False, select_start=True, **options
     )
+    return labels, true_ddf, fixed, moving, adapter, objective, inferer
+
+
+@pytest.mark.parametrize("true_shift, expected", [(0.0, "identity"), (2.0, "backbone")])
+def test_the_refiners_start_from_whichever_of_backbone_and_identity_fits_the_pair_better(true_shift, expected):
+    """With ``select_start`` the engine compares the objective at the backbone's field and at the identity before
+    any step: two renderings of one anatomy start from the identity (a backbone that moves everything by 2 voxels
+    would add that error), a pair that really is 2 voxels apart from the backbone; the choice and both losses are in
+    the stats, and the field found is near the true one."""
+    from common.engine import TestTimeOptimizationInferer
+
+    labels, true_ddf, fixed, moving, adapter, objective, inferer = _shifted_pair_engine(true_shift, iterations=5)
     result = inferer(fixed, moving, (1.0, 1.0, 1.0))
     decisions = result.stats.decisions
     assert decisions["start"] == expected and adapter.start == "backbone"  # the engine's copy changed, not the network
@@ -412,3 +421,25 @@ def test_the_refiners_start_from_whichever_of_backbone_and_identity_fits_the_pai
     assert error < 0.5, float(error)
     with pytest.raises(ValueError, match="several starts"):
         TestTimeOptimizationInferer(ProgressiveRefiner(), objective, select_start=True)
+
+
+def test_a_margin_keeps_the_identity_unless_the_backbone_fits_clearly_better():
+    """``start_margins``: the identity is preferred by a fraction of its loss. On a pair 2 voxels apart the
+    backbone's field fits far better than the identity, so a margin of 20 % still starts from it; a margin larger
+    than that gain keeps the identity. Margins for starts the network lacks, or below zero, are refused."""
+    from common.engine import TestTimeOptimizationInferer
+
+    _, _, fixed, moving, _, objective, inferer = _shifted_pair_engine(
+        2.0, iterations=0, start_margins={"identity": 0.2}
+    )
+    decisions = inferer(fixed, moving, (1.0, 1.0, 1.0)).stats.decisions
+    backbone, identity = decisions["start_loss_backbone"], decisions["start_loss_identity"]
+    assert decisions["start"] == "backbone" and backbone < identity - 0.2 * abs(identity)
+    gain = (identity - backbone) / abs(identity)
+    inferer.start_margins = {"identity": 1.5 * gain}
+    assert inferer(fixed, moving, (1.0, 1.0, 1.0)).stats.decisions["start"] == "identity"
+    adapter = inferer.network
+    with pytest.raises(ValueError, match="start_margins names starts the network lacks"):
+        TestTimeOptimizationInferer(adapter, objective, select_start=True, start_margins={"convex": 0.1})
+    with pytest.raises(ValueError, match="must not be negative"):
+        TestTimeOptimizationInferer(adapter, objective, select_start=True, start_margins={"identity": -0.1})
