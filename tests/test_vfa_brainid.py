@@ -443,3 +443,20 @@ def test_a_margin_keeps_the_identity_unless_the_backbone_fits_clearly_better():
         TestTimeOptimizationInferer(adapter, objective, select_start=True, start_margins={"convex": 0.1})
     with pytest.raises(ValueError, match="must not be negative"):
         TestTimeOptimizationInferer(adapter, objective, select_start=True, start_margins={"identity": -0.1})
+
+
+def test_start_iterations_leave_a_backbone_start_as_the_backbone_registered_it():
+    """``start_iterations``: a pair that starts from the backbone takes no step (its field is the backbone's, 2 voxels
+    everywhere), while a pair of one anatomy, which starts from the identity, is still refined for ``iterations``.
+    Negative step counts are refused."""
+    from common.engine import TestTimeOptimizationInferer
+
+    options = {"iterations": 4, "start_iterations": {"backbone": 0}}
+    for true_shift, start, steps in ((2.0, "backbone", 0), (0.0, "identity", 4)):
+        *_, fixed, moving, adapter, objective, inferer = _shifted_pair_engine(true_shift, **options)
+        result = inferer(fixed, moving, (1.0, 1.0, 1.0))
+        assert result.stats.decisions["start"] == start and result.stats.iterations == [steps]
+        if start == "backbone":
+            torch.testing.assert_close(result.ddf, torch.full_like(result.ddf, 2.0), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="must not be negative"):
+        TestTimeOptimizationInferer(adapter, objective, select_start=True, start_iterations={"backbone": -1})

@@ -83,6 +83,8 @@ class TestTimeOptimizationInferer(Inferer):
             another start's loss is lower than its own by more than that (e.g. ``{"identity": 0.2}``: the identity
             unless the backbone's field fits at least 20 % better; a backbone that aligns two subjects far better
             beats it, while on scans of one anatomy a few percent are what it gains by explaining noise).
+        start_iterations: the number of steps from a given start (by name) instead of ``iterations``, e.g.
+            ``{"backbone": 0}``: a pair the backbone aligns is left as the backbone registered it.
     """
 
     def __init__(
@@ -103,19 +105,25 @@ class TestTimeOptimizationInferer(Inferer):
         select_start: bool = False,
         start_objectives: Mapping[str, RegistrationObjective] | None = None,
         start_margins: Mapping[str, float] | None = None,
+        start_iterations: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
-        if (select_start or start_objectives or start_margins) and not isinstance(network, MultiStartModel):
+        per_start = {"start_objectives": start_objectives, "start_margins": start_margins}
+        per_start["start_iterations"] = start_iterations
+        if (select_start or any(per_start.values())) and not isinstance(network, MultiStartModel):
             raise ValueError(
-                "select_start, start_objectives and start_margins need a network with several starts, got "
-                f"{type(network).__name__}."
+                "select_start, start_objectives, start_margins and start_iterations need a network with several "
+                f"starts, got {type(network).__name__}."
             )
-        for name, named in (("start_objectives", start_objectives), ("start_margins", start_margins)):
+        for name, named in per_start.items():
             unknown = set(named or {}) - set(getattr(network, "starts", ()))
             if unknown:
                 raise ValueError(f"{name} names starts the network lacks: {sorted(unknown)}.")
         if any(margin < 0 for margin in (start_margins or {}).values()):
             raise ValueError(f"start_margins must not be negative, got {dict(start_margins)}.")
+        if iterations < 0 or any(steps < 0 for steps in (start_iterations or {}).values()):
+            raise ValueError(f"iterations must not be negative, got {iterations} and {dict(start_iterations or {})}.")
+        self.start_iterations = {name: int(steps) for name, steps in (start_iterations or {}).items()}
         self.select_start, self.start_objectives = select_start, dict(start_objectives or {})
         self.start_margins = {name: float(margin) for name, margin in (start_margins or {}).items()}
         if objective_pair not in ("transformed", "original"):
@@ -168,7 +176,8 @@ class TestTimeOptimizationInferer(Inferer):
         if self.select_start:
             stats.decisions.update(self._select_start(model, pair, images, masks))
         objective = self.start_objectives.get(getattr(model, "start", None), self.objective)
-        if self.iterations > 0:
+        iterations = self.start_iterations.get(getattr(model, "start", None), self.iterations)
+        if iterations > 0:
             optimizer = PairAdam(
                 [p for p in model.parameters() if p.requires_grad], lr=self.learning_rate, warmup=self.warmup_steps
             )
@@ -185,12 +194,12 @@ class TestTimeOptimizationInferer(Inferer):
 
             engine = create_pair_engine(
                 step,
-                self.iterations,
+                iterations,
                 time_limit_s=self.time_budget_s,
                 progress=self.progress,
                 description=f"test-time optimisation ({'x'.join(map(str, grid))})",
             )
-            engine.run(range(self.iterations), max_epochs=1)
+            engine.run(range(iterations), max_epochs=1)
             best.restore(model)
             stats.iterations, stats.final_loss = [engine.state.iteration], best.loss
         stats.stage_time_s = [time.perf_counter() - start]
