@@ -445,18 +445,36 @@ def test_a_margin_keeps_the_identity_unless_the_backbone_fits_clearly_better():
         TestTimeOptimizationInferer(adapter, objective, select_start=True, start_margins={"identity": -0.1})
 
 
-def test_start_iterations_leave_a_backbone_start_as_the_backbone_registered_it():
-    """``start_iterations``: a pair that starts from the backbone takes no step (its field is the backbone's, 2 voxels
-    everywhere), while a pair of one anatomy, which starts from the identity, is still refined for ``iterations``.
-    Negative step counts are refused."""
+def test_iteration_rules_leave_a_cross_contrast_backbone_start_as_the_backbone_registered_it():
+    """``iteration_rules``: a pair that starts from the backbone and was style-transferred takes no step (its field is
+    the backbone's, 2 voxels everywhere); the same pair without that decision, and a pair of one anatomy (identity
+    start), are still refined for ``iterations``. Malformed rules and negative counts are refused."""
     from common.engine import TestTimeOptimizationInferer
 
-    options = {"iterations": 4, "start_iterations": {"backbone": 0}}
-    for true_shift, start, steps in ((2.0, "backbone", 0), (0.0, "identity", 4)):
-        *_, fixed, moving, adapter, objective, inferer = _shifted_pair_engine(true_shift, **options)
+    rules = [{"when": {"start": "backbone", "style_transfer": True}, "iterations": 0}]
+    for true_shift, transferred, start, steps in (
+        (2.0, True, "backbone", 0),
+        (2.0, False, "backbone", 4),
+        (0.0, True, "identity", 4),
+    ):
+        *_, fixed, moving, adapter, objective, inferer = _shifted_pair_engine(
+            true_shift, iterations=4, iteration_rules=rules, pair_transform=_Decide(style_transfer=transferred)
+        )
         result = inferer(fixed, moving, (1.0, 1.0, 1.0))
         assert result.stats.decisions["start"] == start and result.stats.iterations == [steps]
-        if start == "backbone":
+        if steps == 0:
             torch.testing.assert_close(result.ddf, torch.full_like(result.ddf, 2.0), atol=1e-2, rtol=0)
-    with pytest.raises(ValueError, match="must not be negative"):
-        TestTimeOptimizationInferer(adapter, objective, select_start=True, start_iterations={"backbone": -1})
+    for bad in ({"when": {"start": "backbone"}, "iterations": -1}, {"start": "backbone", "iterations": 0}):
+        with pytest.raises(ValueError, match="an iteration rule is"):
+            TestTimeOptimizationInferer(adapter, objective, iteration_rules=[bad])
+
+
+class _Decide(torch.nn.Module):
+    """A pair transform that changes nothing and reports the given decisions."""
+
+    def __init__(self, **decisions) -> None:
+        super().__init__()
+        self.decisions = decisions
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, spacing) -> tuple:
+        return fixed, moving, dict(self.decisions)

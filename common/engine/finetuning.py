@@ -6,6 +6,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -83,8 +84,10 @@ class TestTimeOptimizationInferer(Inferer):
             another start's loss is lower than its own by more than that (e.g. ``{"identity": 0.2}``: the identity
             unless the backbone's field fits at least 20 % better; a backbone that aligns two subjects far better
             beats it, while on scans of one anatomy a few percent are what it gains by explaining noise).
-        start_iterations: the number of steps from a given start (by name) instead of ``iterations``, e.g.
-            ``{"backbone": 0}``: a pair the backbone aligns is left as the backbone registered it.
+        iteration_rules: ``{"when": {decision: value, ...}, "iterations": n}`` items: the first whose ``when`` the pair's
+            decisions (the pair transform's and the chosen ``start``) all match sets its number of steps instead of
+            ``iterations``; e.g. ``{"when": {"start": "backbone", "style_transfer": true}, "iterations": 0}`` leaves
+            a cross-contrast pair that the backbone aligns as the backbone registered it.
     """
 
     def __init__(
@@ -105,25 +108,26 @@ class TestTimeOptimizationInferer(Inferer):
         select_start: bool = False,
         start_objectives: Mapping[str, RegistrationObjective] | None = None,
         start_margins: Mapping[str, float] | None = None,
-        start_iterations: Mapping[str, int] | None = None,
+        iteration_rules: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         super().__init__()
-        per_start = {"start_objectives": start_objectives, "start_margins": start_margins}
-        per_start["start_iterations"] = start_iterations
-        if (select_start or any(per_start.values())) and not isinstance(network, MultiStartModel):
+        if (select_start or start_objectives or start_margins) and not isinstance(network, MultiStartModel):
             raise ValueError(
-                "select_start, start_objectives, start_margins and start_iterations need a network with several "
-                f"starts, got {type(network).__name__}."
+                "select_start, start_objectives and start_margins need a network with several starts, got "
+                f"{type(network).__name__}."
             )
-        for name, named in per_start.items():
+        for name, named in (("start_objectives", start_objectives), ("start_margins", start_margins)):
             unknown = set(named or {}) - set(getattr(network, "starts", ()))
             if unknown:
                 raise ValueError(f"{name} names starts the network lacks: {sorted(unknown)}.")
         if any(margin < 0 for margin in (start_margins or {}).values()):
             raise ValueError(f"start_margins must not be negative, got {dict(start_margins)}.")
-        if iterations < 0 or any(steps < 0 for steps in (start_iterations or {}).values()):
-            raise ValueError(f"iterations must not be negative, got {iterations} and {dict(start_iterations or {})}.")
-        self.start_iterations = {name: int(steps) for name, steps in (start_iterations or {}).items()}
+        for rule in iteration_rules:
+            if set(rule) != {"when", "iterations"} or not isinstance(rule["when"], Mapping) or rule["iterations"] < 0:
+                raise ValueError(f"an iteration rule is {{'when': {{...}}, 'iterations': n >= 0}}, got {rule}.")
+        if iterations < 0:
+            raise ValueError(f"iterations must not be negative, got {iterations}.")
+        self.iteration_rules = [{"when": dict(r["when"]), "iterations": int(r["iterations"])} for r in iteration_rules]
         self.select_start, self.start_objectives = select_start, dict(start_objectives or {})
         self.start_margins = {name: float(margin) for name, margin in (start_margins or {}).items()}
         if objective_pair not in ("transformed", "original"):
@@ -176,7 +180,7 @@ class TestTimeOptimizationInferer(Inferer):
         if self.select_start:
             stats.decisions.update(self._select_start(model, pair, images, masks))
         objective = self.start_objectives.get(getattr(model, "start", None), self.objective)
-        iterations = self.start_iterations.get(getattr(model, "start", None), self.iterations)
+        iterations = self._iterations(stats.decisions)
         if iterations > 0:
             optimizer = PairAdam(
                 [p for p in model.parameters() if p.requires_grad], lr=self.learning_rate, warmup=self.warmup_steps
@@ -206,6 +210,13 @@ class TestTimeOptimizationInferer(Inferer):
         with torch.no_grad():
             ddf = network_fields(model.eval(), pair, self.amp)[-1]
             return RegistrationResult(resize_ddf(ddf, shape), stats, resize_ddf(invert_ddf(ddf), shape))
+
+    def _iterations(self, decisions: Mapping[str, Any]) -> int:
+        """The number of steps for a pair with these decisions: the first matching rule's, else ``iterations``."""
+        for rule in self.iteration_rules:
+            if all(name in decisions and decisions[name] == value for name, value in rule["when"].items()):
+                return rule["iterations"]
+        return self.iterations
 
     def _select_start(
         self, model: nn.Module, pair: torch.Tensor, images: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
