@@ -1,7 +1,7 @@
 from .affine import AffineRegistration, AffineResult
 from .convex import CoupledConvexInitializer
 from .finetuning import TestTimeOptimizationInferer, network_fields, working_shape
-from .gate import ContrastGate, GatedStyleTransfer, local_correlation
+from .gate import AnatomyGate, ContrastGate, GatedStyleTransfer, local_correlation
 from .optimizer import BestState, PairAdam, create_pair_engine
 from .precision import autocast_bfloat16, check_amp, native_bfloat16
 from .protocols import (
@@ -19,6 +19,7 @@ from .registration import InstanceOptimizationInferer, downsample_image
 __all__ = [
     "AffineRegistration",
     "AffineResult",
+    "AnatomyGate",
     "BestState",
     "ContrastGate",
     "CoupledConvexInitializer",

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,9 @@ from .protocols import (
     RegistrationStats,
     StartableModel,
 )
+
+if TYPE_CHECKING:  # the gate module imports this one
+    from .gate import AnatomyGate
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +128,11 @@ class InstanceOptimizationInferer(Inferer):
         amp: compute the descriptor in bfloat16 (True, False or ``"auto"``: only where the hardware computes it,
             :func:`~common.engine.autocast_bfloat16`), for a learned descriptor whose convolutions dominate an
             iteration; the similarity, the field and the optimiser stay in float32.
+        anatomy_gate: an :class:`~common.engine.AnatomyGate`: a pair it finds to show one anatomy (one subject's
+            scans) is registered with ``same_anatomy_objective`` instead of ``objective``, e.g. a stronger
+            regulariser: weights tuned for two subjects' brains move one brain's scans by what their contrasts
+            differ in. Its decision and NMI go to the result's ``decisions``.
+        same_anatomy_objective: the objective of such a pair (given with ``anatomy_gate``).
     """
 
     def __init__(
@@ -149,8 +158,13 @@ class InstanceOptimizationInferer(Inferer):
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
         initializer: Callable[..., torch.Tensor] | None = None,
         amp: bool | str = False,
+        anatomy_gate: AnatomyGate | None = None,
+        same_anatomy_objective: RegistrationObjective | None = None,
     ) -> None:
         super().__init__()
+        if (anatomy_gate is None) != (same_anatomy_objective is None):
+            raise ValueError("anatomy_gate and same_anatomy_objective go together: give both or neither.")
+        self.anatomy_gate, self.same_anatomy_objective = anatomy_gate, same_anatomy_objective
         self.model_factory, self.initializer = model_factory, initializer
         self.amp = check_amp(amp)
         if len(levels) != len(iterations):
@@ -319,13 +333,17 @@ class InstanceOptimizationInferer(Inferer):
         comparing them only inside the masks given (``[1, 1, X, Y, Z]``, 1 inside, on that grid; the moving one
         before warping); the result's grid is the flow grid."""
         device, shape = fixed.device, tuple(fixed.shape[2:])
+        stats, objective = RegistrationStats(), self.objective
+        if self.anatomy_gate is not None:
+            one_anatomy, nmi = self.anatomy_gate(fixed.float(), moving.float(), fixed_mask)
+            stats.decisions.update({"same_anatomy": one_anatomy, "anatomy_nmi": round(nmi, 4)})
+            objective = self.same_anatomy_objective if one_anatomy else objective
         fixed, moving = (convert_to_tensor(self.normalize(x.float()), track_meta=False) for x in (fixed, moving))
         if isinstance(self.descriptor, nn.Module):
             self.descriptor.to(device)  # a learned descriptor follows the images
         finest = min(float(sp) for sp in spacing)
         flow_shapes = [scaled_shape(shape, spacing, f * finest) for f in self.flow_downsample]
         start = time.perf_counter()
-        stats = RegistrationStats()
         model, optimizer, model_shape = None, None, None
 
         def start_model(
@@ -395,12 +413,12 @@ class InstanceOptimizationInferer(Inferer):
                 optimizer.zero_grad()
                 displacement, velocity = model()
                 sim = self._similarity(displacement, source, target, warp_descriptor, *masks)
-                loss = self.objective(similarity=sim, ddf=displacement, velocity=velocity)
+                loss = objective(similarity=sim, ddf=displacement, velocity=velocity)
                 loss.backward()
                 if best is not None:
                     best.update(loss.item(), model)
                 optimizer.step()
-                return {"loss": loss.item(), **self.objective.values}
+                return {"loss": loss.item(), **objective.values}
 
             remaining = None if self.time_budget_s is None else self.time_budget_s - (time.perf_counter() - start)
             if remaining is not None and remaining <= 0:

@@ -29,6 +29,13 @@ def _entropy(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dims)
 
 
+def foreground(image: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """The voxels of ``image`` ``[X, Y, Z]`` above ``fraction`` of its 99th percentile (the head, not the air around
+    it), as a bool tensor of its shape."""
+    level = torch.quantile(image.flatten()[::7].float().cpu(), 0.99).to(image)
+    return image > fraction * level
+
+
 def normalized_mutual_information(
     a: torch.Tensor | np.ndarray,
     b: torch.Tensor | np.ndarray,

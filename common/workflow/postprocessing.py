@@ -22,6 +22,7 @@ from monai.utils import ensure_tuple_rep
 from common.io import resample_to_grid
 from common.metrics import (
     dice_per_label,
+    foreground,
     hd95_per_label,
     mean_dict,
     ndv_percent,
@@ -201,10 +202,7 @@ class PlausibilityReportd(MapTransform):
         d = dict(data)
         with torch.no_grad():
             fixed = d["fixed"][0].float()
-            if "fixed_mask" in d:
-                inside = d["fixed_mask"][0] > 0
-            else:
-                inside = fixed > self.foreground * torch.quantile(fixed.flatten()[::7].cpu(), 0.99).to(fixed)
+            inside = d["fixed_mask"][0] > 0 if "fixed_mask" in d else foreground(fixed, self.foreground)
             spacing = torch.as_tensor(d["spacing"], dtype=torch.float32, device=fixed.device).view(3, 1, 1, 1)
             shift = (d["ddf"][0].float() * spacing).norm(dim=0)[inside]
             det = d["jacobian"].float()[inside]
