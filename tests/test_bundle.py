@@ -28,11 +28,15 @@ from .conftest import invert_field, phantom_labels, smooth_field
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundles" / "node_mind" / "configs" / "inference.json"
+# The test pair is one phantom moved by up to 3.5 voxels: one anatomy, which the anatomy gate rightly sends to the
+# same-anatomy objective; these tests check the contract on the default objective for two subjects.
+TWO_SUBJECTS = {"anatomy_gate#mode": "never"}
 FAST = {
     "inferer#levels": [1],
     "inferer#iterations": [40],
     "inferer#flow_downsample": 2,
     "progress": False,
+    **TWO_SUBJECTS,
 }
 
 
@@ -178,7 +182,7 @@ def test_cli_reports_bad_input_in_one_line(pair, tmp_path):
         # second on this grid and is skipped, as the default's 1 mm stage is on a 2 mm image
         (
             "node_contrastive",
-            {"inferer#levels": [1, 1, 1], "inferer#iterations": [30, 10, 10], "progress": False},
+            {"inferer#levels": [1, 1, 1], "inferer#iterations": [30, 10, 10], "progress": False, **TWO_SUBJECTS},
         ),
     ],
 )
@@ -224,6 +228,7 @@ def _label_masks(pair: dict[str, str], folder: Path) -> dict[str, str]:
                 "inferer#warp_descriptor": [True],
                 "inferer#sample_points": 4000,
                 "progress": False,
+                **TWO_SUBJECTS,
             },
         ),
         ("tto_kd", {"weights": "", "inferer#iterations": 5, "inferer#spacing_mm": None, "progress": False}),
