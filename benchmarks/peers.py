@@ -177,7 +177,7 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     # the bundles with a preset for scans of one subject
     **{
         f"{bundle}_longitudinal": lambda args, bundle=bundle: run_bundle(args, bundle, "longitudinal", **args.overrides)
-        for bundle in ("node_mind", "node_lmi", "node_contrastive", "vfa_brainid_adapter")
+        for bundle in ("node_mind", "node_lmi", "node_contrastive", "tto_kd", "vfa_brainid_adapter")
     },
     # node_mind's schedule for a CPU: a convex start and fewer full-resolution iterations
     "node_mind_quick": lambda args: run_bundle(args, "node_mind", "quick", **args.overrides),

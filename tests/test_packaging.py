@@ -60,9 +60,9 @@ def test_each_built_config_is_its_bases_and_delta_merged():
                 assert built.get(key) == listed.get(key), f"{delta}: {key}"
 
 
-PRESETS = [(b, "longitudinal") for b in ("node_mind", "node_lmi", "node_contrastive", "vfa_brainid_adapter")] + [
-    ("node_mind", "quick")
-]
+PRESETS = [
+    (b, "longitudinal") for b in ("node_mind", "node_lmi", "node_contrastive", "tto_kd", "vfa_brainid_adapter")
+] + [("node_mind", "quick")]
 
 
 @pytest.mark.parametrize("bundle,preset", PRESETS)
