@@ -74,8 +74,9 @@ class AnatomyGate:
 
     Measured (32 bins, voxels above 0.1 of the fixed image's 99th percentile): one anatomy 0.18-0.30 (the SPM12 T1
     template against its T2 and PD templates as they are, or moved by up to 5 mm and acquired with 6 mm slices, bias and
-    noise; the CT template), two subjects 0.05-0.13 (rendered inter-subject T1/T2/FLAIR/PD pairs 0.05-0.09, real T1
-    pairs of two subjects 0.08-0.12, one subject against population templates 0.07-0.13).
+    noise), two subjects 0.04-0.13 (rendered inter-subject T1/T2/FLAIR/PD pairs 0.04-0.09, real T1 pairs of two
+    subjects 0.08-0.12, one subject against population templates 0.07-0.13); two population averages in one space
+    0.13-0.19, either side.
 
     Args:
         mode: ``"auto"`` (one anatomy at or above ``threshold``), ``"always"`` or ``"never"``.
