@@ -469,6 +469,61 @@ def test_iteration_rules_leave_a_cross_contrast_backbone_start_as_the_backbone_r
             TestTimeOptimizationInferer(adapter, objective, iteration_rules=[bad])
 
 
+def test_the_identity_start_can_leave_out_the_finest_refiner():
+    """``start_stages``: from the identity the adapter runs only the two coarser refiners (the finest gets no
+    gradient, the second is the last and its residual is scaled as the finest's; the same field as from a zero
+    one), from the backbone all three; a pair
+    of one anatomy is still registered near its true (zero) field. Counts outside 1..3 or unknown starts are refused."""
+    from common.networks import FrozenBackboneAdapter
+
+    labels, true_ddf, fixed, moving, _, _, inferer = _shifted_pair_engine(0.0, iterations=5)
+    adapter = FrozenBackboneAdapter(_Shift(2.0), inferer.network.refiner, start_stages={"identity": 2})
+    pair = torch.cat([moving, fixed], dim=1)
+    assert len(adapter(pair)) == 3
+    adapter.start = "identity"
+    fields = adapter(pair)
+    assert len(fields) == 2 and fields[-1].abs().max() < 0.05
+    zero = adapter.refiner(fixed, moving, torch.zeros(1, 3, *fixed.shape[2:]), 2)
+    torch.testing.assert_close(fields[-1], zero[-1])  # the identity's shortcut is exact
+    fields[-1].pow(2).sum().backward()
+    grads = [
+        sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None) for unet in adapter.refiner.stages
+    ]
+    assert grads[0] > 0 and grads[1] > 0 and grads[2] == 0
+    inferer.network = adapter
+    result = inferer(fixed, moving, (1.0, 1.0, 1.0))
+    assert result.stats.decisions["start"] == "identity"
+    assert (result.ddf - true_ddf).norm(dim=1)[0][labels > 0].mean() < 0.5
+    for bad in ({"identity": 0}, {"identity": 4}, {"convex": 2}):
+        with pytest.raises(ValueError, match="start_stages maps"):
+            FrozenBackboneAdapter(_Shift(2.0), adapter.refiner, start_stages=bad)
+
+
+def test_a_pair_of_one_anatomy_starts_from_the_identity_without_running_the_backbone():
+    """``anatomy_gate``: two renderings of one phantom (NMI far above 0.16) start from the identity and the backbone is
+    never run; with the gate off the engine compares both starts (running it once). A network without the identity
+    start is refused."""
+    from common.engine import AnatomyGate, TestTimeOptimizationInferer
+
+    calls = []
+
+    class _CountingShift(_Shift):
+        def forward(self, fixed, moving):
+            calls.append(1)
+            return super().forward(fixed, moving)
+
+    *_, fixed, moving, adapter, objective, inferer = _shifted_pair_engine(0.0, iterations=0)
+    adapter.backbone = _CountingShift(2.0)
+    for mode, backbone_runs in (("auto", 0), ("never", 1)):
+        calls.clear()
+        inferer.anatomy_gate = AnatomyGate(mode)
+        decisions = inferer(fixed, moving, (1.0, 1.0, 1.0)).stats.decisions
+        assert decisions["same_anatomy"] == (mode == "auto") and decisions["anatomy_nmi"] > 0.3
+        assert decisions["start"] == "identity" and len(calls) == backbone_runs
+    with pytest.raises(ValueError, match="anatomy_gate needs a network with the start"):
+        TestTimeOptimizationInferer(adapter.refiner, objective, anatomy_gate=AnatomyGate())
+
+
 class _Decide(torch.nn.Module):
     """A pair transform that changes nothing and reports the given decisions."""
 

@@ -6,7 +6,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,9 @@ from .optimizer import BestState, PairAdam, create_pair_engine
 from .precision import autocast_bfloat16, check_amp
 from .protocols import MultiStartModel, RegistrationResult, RegistrationStats
 from .registration import downsample_image
+
+if TYPE_CHECKING:
+    from .gate import AnatomyGate
 
 
 def network_fields(network: nn.Module, pair: torch.Tensor, amp: bool | str = False) -> list[torch.Tensor]:
@@ -74,9 +77,9 @@ class TestTimeOptimizationInferer(Inferer):
             style-transferred pair while the similarity keeps every detail of the images themselves).
         amp: run the network in bfloat16 (True, False or ``"auto"``: see :func:`network_fields`).
         select_start: a network with several starts (:class:`~common.engine.MultiStartModel`) begins the pair from the
-            one with the lowest objective before any step (its ``decisions``: ``start`` and each start's loss): e.g.
-            the identity for two scans of one anatomy, whose small differences a backbone trained across subjects
-            would exaggerate; False: from the network's own ``start``.
+            one whose field (its last stage's) has the lowest objective before any step (its ``decisions``: ``start``
+            and each start's loss): e.g. the identity for two scans of one anatomy, whose small differences a backbone
+            trained across subjects would exaggerate; False: from the network's own ``start``.
         start_objectives: the objective optimised from a given start (by name) instead of ``objective``, e.g. a
             stronger regulariser from the identity, where a pair that starts there holds one anatomy; the choice of
             start always compares ``objective``.
@@ -84,6 +87,10 @@ class TestTimeOptimizationInferer(Inferer):
             another start's loss is lower than its own by more than that (e.g. ``{"identity": 0.2}``: the identity
             unless the backbone's field fits at least 20 % better; a backbone that aligns two subjects far better
             beats it, while on scans of one anatomy a few percent are what it gains by explaining noise).
+        anatomy_gate: an :class:`~common.engine.AnatomyGate`: a pair it finds to show one anatomy (as it arrives)
+            starts from ``same_anatomy_start`` without trying the others (no backbone to run for a start it would not
+            take); other pairs as ``select_start`` says. Its decisions: ``same_anatomy``, ``anatomy_nmi``.
+        same_anatomy_start: the start of such a pair.
         iteration_rules: ``{"when": {decision: value, ...}, "iterations": n}`` items: the first whose ``when`` the pair's
             decisions (the pair transform's and the chosen ``start``) all match sets its number of steps instead of
             ``iterations``; e.g. ``{"when": {"start": "backbone", "style_transfer": true}, "iterations": 0}`` leaves
@@ -108,9 +115,16 @@ class TestTimeOptimizationInferer(Inferer):
         select_start: bool = False,
         start_objectives: Mapping[str, RegistrationObjective] | None = None,
         start_margins: Mapping[str, float] | None = None,
+        anatomy_gate: AnatomyGate | None = None,
+        same_anatomy_start: str = "identity",
         iteration_rules: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         super().__init__()
+        if anatomy_gate is not None and same_anatomy_start not in getattr(network, "starts", ()):
+            raise ValueError(
+                f"anatomy_gate needs a network with the start {same_anatomy_start!r}, got {type(network).__name__}."
+            )
+        self.anatomy_gate, self.same_anatomy_start = anatomy_gate, same_anatomy_start
         if (select_start or start_objectives or start_margins) and not isinstance(network, MultiStartModel):
             raise ValueError(
                 "select_start, start_objectives and start_margins need a network with several starts, got "
@@ -177,7 +191,13 @@ class TestTimeOptimizationInferer(Inferer):
         pair = torch.cat([moving_w, fixed_w], dim=1)
         model = copy.deepcopy(self.network).to(fixed.device).train()
         start = time.perf_counter()
-        if self.select_start:
+        one_anatomy = False
+        if self.anatomy_gate is not None:
+            one_anatomy, nmi = self.anatomy_gate(fixed.float(), moving.float(), fixed_mask)
+            stats.decisions.update({"same_anatomy": one_anatomy, "anatomy_nmi": round(nmi, 4)})
+        if one_anatomy:
+            model.start = stats.decisions["start"] = self.same_anatomy_start
+        elif self.select_start:
             stats.decisions.update(self._select_start(model, pair, images, masks))
         objective = self.start_objectives.get(getattr(model, "start", None), self.objective)
         iterations = self._iterations(stats.decisions)
@@ -228,6 +248,7 @@ class TestTimeOptimizationInferer(Inferer):
             for name in model.starts:
                 model.start = name
                 fields = network_fields(model, pair, self.amp)
-                losses[name] = float(self.objective(ddf=fields[-1], stage_ddfs=fields, **images, **masks))
+                # the result is the last stage's field: starts that run different numbers of stages compare alike
+                losses[name] = float(self.objective(ddf=fields[-1], stage_ddfs=fields[-1:], **images, **masks))
         model.start = min(losses, key=lambda name: losses[name] - self.start_margins.get(name, 0.0) * abs(losses[name]))
         return {"start": model.start} | {f"start_loss_{name}": loss for name, loss in losses.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -29,14 +31,29 @@ class FrozenBackboneAdapter(nn.Module):
             identity.
         refiner: the per-pair trainable part (:class:`~common.networks.ProgressiveRefiner`).
         start: ``"backbone"`` or ``"identity"`` (the only one without a backbone).
+        start_stages: the number of refiner stages run from a start (by name; the others run all), coarsest first:
+            e.g. ``{"identity": 2}`` leaves out the full-resolution stage for scans of one anatomy, whose residual
+            differences the coarser stages align at a fraction of its cost.
     """
 
-    def __init__(self, backbone: nn.Module | None, refiner: ProgressiveRefiner, start: str = "backbone") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module | None,
+        refiner: ProgressiveRefiner,
+        start: str = "backbone",
+        start_stages: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = None if backbone is None else backbone.requires_grad_(False).eval()
         self.refiner = refiner
         self.starts = ("identity",) if backbone is None else ("backbone", "identity")
         self.start = "identity" if backbone is None else start
+        self.start_stages = {name: int(n) for name, n in (start_stages or {}).items()}
+        unknown = set(self.start_stages) - {"backbone", "identity"}
+        if unknown or not all(1 <= n <= len(refiner.scales) for n in self.start_stages.values()):
+            raise ValueError(
+                f"start_stages maps backbone or identity to 1..{len(refiner.scales)} refiner stages, got {start_stages}."
+            )
         self._initial: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -49,17 +66,18 @@ class FrozenBackboneAdapter(nn.Module):
             raise ValueError(f"start must be one of {self.starts}, got {value!r}.")
         self._start = value
 
-    def initial_field(self, pair: torch.Tensor) -> torch.Tensor:
-        """The field the refiners start from: the backbone's for ``pair`` (computed once per pair tensor), or zero."""
+    def initial_field(self, pair: torch.Tensor) -> torch.Tensor | None:
+        """The field the refiners start from: the backbone's for ``pair`` (computed once per pair tensor), or None
+        for the identity."""
         if self.start == "identity":
-            return pair.new_zeros(pair.shape[0], 3, *pair.shape[2:])
+            return None
         if self._initial is None or self._initial[0] is not pair:
             with torch.no_grad():
                 self._initial = (pair, self.backbone(pair[:, 1:], pair[:, :1]))
         return self._initial[1]
 
     def forward(self, pair: torch.Tensor) -> list[torch.Tensor]:
-        return self.refiner(pair[:, 1:], pair[:, :1], self.initial_field(pair))
+        return self.refiner(pair[:, 1:], pair[:, :1], self.initial_field(pair), self.start_stages.get(self.start))
 
     def train(self, mode: bool = True) -> FrozenBackboneAdapter:
         super().train(mode)

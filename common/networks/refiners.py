@@ -49,20 +49,29 @@ class ProgressiveRefiner(nn.Module):
             nn.init.zeros_(output.bias)
         self.multiple = max(self.scales) * 2 ** (len(channels) - 1)
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor) -> list[torch.Tensor]:
-        """The field after each stage, coarse to fine (the last is the refined field), each ``[B, 3, X, Y, Z]``."""
+    def forward(
+        self, fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor | None, stages: int | None = None
+    ) -> list[torch.Tensor]:
+        """The field after each stage, coarse to fine (the last is the refined field), each ``[B, 3, X, Y, Z]``.
+
+        ``ddf`` None: the identity (the first stage then neither warps nor composes, the same result at less cost).
+        ``stages``: run only the first (coarsest) stages; the last of them is then the finest and its residual is the
+        one scaled by ``final_scale``. None: all."""
+        stages = len(self.scales) if stages is None else stages
+        if not 1 <= stages <= len(self.scales):
+            raise ValueError(f"stages must be between 1 and {len(self.scales)}, got {stages}.")
         shape = tuple(fixed.shape[2:])
         if any(s % self.multiple for s in shape):
             raise ValueError(f"image sides {shape} must be multiples of {self.multiple}.")
         fields = []
-        for i, (scale, unet) in enumerate(zip(self.scales, self.stages)):
+        for i, (scale, unet) in enumerate(zip(self.scales[:stages], self.stages)):
             coarse = [s // scale for s in shape]
-            pair = torch.cat([warp(moving, ddf), fixed], dim=1)
+            pair = torch.cat([moving if ddf is None else warp(moving, ddf), fixed], dim=1)
             if scale > 1:
                 pair = nn.functional.interpolate(pair, size=coarse, mode="trilinear", align_corners=True)
             residual = resize_ddf(unet(pair), shape)
-            if i == len(self.scales) - 1:
+            if i == stages - 1:
                 residual = residual * self.final_scale
-            ddf = residual + warp(ddf, residual)
+            ddf = residual if ddf is None else residual + warp(ddf, residual)
             fields.append(ddf)
         return fields
