@@ -179,8 +179,11 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
         f"{bundle}_longitudinal": lambda args, bundle=bundle: run_bundle(args, bundle, "longitudinal", **args.overrides)
         for bundle in ("node_mind", "node_lmi", "node_contrastive", "tto_kd", "vfa_brainid_adapter")
     },
-    # node_mind's schedule for a CPU: a convex start and fewer full-resolution iterations
-    "node_mind_quick": lambda args: run_bundle(args, "node_mind", "quick", **args.overrides),
+    # the schedules for a CPU: fewer full-resolution iterations
+    **{
+        f"{bundle}_quick": lambda args, bundle=bundle: run_bundle(args, bundle, "quick", **args.overrides)
+        for bundle in ("node_mind", "node_lmi")
+    },
     # tto_kd as released (the student fine-tuned on the pair), and its two networks alone, without test-time steps
     "tto_kd": lambda args: run_bundle(args, "tto_kd", **args.overrides),
     "tto_kd_student": lambda args: run_bundle(args, "tto_kd", **{"inferer#iterations": 0, **args.overrides}),

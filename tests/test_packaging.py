@@ -62,7 +62,7 @@ def test_each_built_config_is_its_bases_and_delta_merged():
 
 PRESETS = [
     (b, "longitudinal") for b in ("node_mind", "node_lmi", "node_contrastive", "tto_kd", "vfa_brainid_adapter")
-] + [("node_mind", "quick")]
+] + [("node_mind", "quick"), ("node_lmi", "quick")]
 
 
 @pytest.mark.parametrize("bundle,preset", PRESETS)
