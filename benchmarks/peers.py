@@ -174,15 +174,17 @@ METHODS: dict[str, Callable[[argparse.Namespace], float]] = {
     "node_contrastive_untrained": lambda args: run_bundle(
         args, "node_contrastive", **{"descriptor_weights": "", **args.overrides}
     ),
-    # the bundles with a preset for scans of one subject
+    # each bundle with a preset listed after its config: "longitudinal" for scans of one subject, "quick" (fewer
+    # full-resolution iterations) for a CPU
     **{
-        f"{bundle}_longitudinal": lambda args, bundle=bundle: run_bundle(args, bundle, "longitudinal", **args.overrides)
-        for bundle in ("node_mind", "node_lmi", "node_contrastive", "tto_kd", "vfa_brainid_adapter")
-    },
-    # the schedules for a CPU: fewer full-resolution iterations
-    **{
-        f"{bundle}_quick": lambda args, bundle=bundle: run_bundle(args, bundle, "quick", **args.overrides)
-        for bundle in ("node_mind", "node_lmi")
+        f"{bundle}_{preset}": lambda args, bundle=bundle, preset=preset: run_bundle(
+            args, bundle, preset, **args.overrides
+        )
+        for preset, bundles in (
+            ("longitudinal", ("node_mind", "node_lmi", "node_contrastive", "tto_kd", "vfa_brainid_adapter")),
+            ("quick", ("node_mind", "node_lmi")),
+        )
+        for bundle in bundles
     },
     # tto_kd as released (the student fine-tuned on the pair), and its two networks alone, without test-time steps
     "tto_kd": lambda args: run_bundle(args, "tto_kd", **args.overrides),
