@@ -10,7 +10,15 @@ import torch.nn.functional as F
 
 from common.losses import DisplacementSmoothnessLoss, JacobianBarrierLoss, mind_ssc
 from common.smoothing import RKHSSmoother, laplacian_eigenvalues
-from common.spatial import identity_grid, invert_ddf, jacobian_determinant, resize_ddf, scaling_and_squaring, warp
+from common.spatial import (
+    grid_sample,
+    identity_grid,
+    invert_ddf,
+    jacobian_determinant,
+    resize_ddf,
+    scaling_and_squaring,
+    warp,
+)
 
 
 def _blobs(shape=(24, 26, 22), seed=0) -> torch.Tensor:
@@ -56,6 +64,30 @@ def test_warp_is_monai_warp(mode, padding_mode):
     assert torch.allclose(warp(image, ddf, mode, padding_mode), expected, atol=1e-12)
     with pytest.raises(ValueError, match="ddf"):
         warp(image, ddf[:, :2])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_grid_sample_over_threads_gives_torchs_values_and_gradients(requires_grad):
+    """One volume is sampled in as many pieces as threads (PyTorch's CPU kernel would use one): the values, the
+    grid's gradient and the volume's must be PyTorch's, for a point count that the threads do not divide."""
+    g = torch.Generator().manual_seed(2)
+    volume = torch.rand(1, 2, 17, 19, 21, generator=g, dtype=torch.float64, requires_grad=requires_grad)
+    grid = (2.4 * torch.rand(1, 17, 19, 21, 3, generator=g, dtype=torch.float64) - 1.2).requires_grad_(True)
+    weights = torch.rand(1, 2, 17, 19, 21, generator=g, dtype=torch.float64)
+    inputs = [grid, volume] if requires_grad else [grid]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for padding_mode in ("border", "zeros"):
+            ours = grid_sample(volume, grid, padding_mode=padding_mode)
+            torchs = F.grid_sample(volume, grid, padding_mode=padding_mode, align_corners=True)
+            assert torch.equal(ours, torchs)
+            grads = torch.autograd.grad((ours * weights).sum(), inputs)
+            expected = torch.autograd.grad((torchs * weights).sum(), inputs)
+            for a, b in zip(grads, expected):
+                assert torch.allclose(a, b, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_resize_ddf_keeps_physical_displacement():
@@ -148,6 +180,29 @@ def test_mind_gradient_of_a_multichannel_map_is_exact():
     feats = torch.rand(1, 3, 7, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(1, 12, 7, 8, 6, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda f: (mind_ssc(f, 1, 1) * weights).sum(), (feats,))
+
+
+def test_mind_gradient_is_autograds_where_channels_tie_and_the_variance_is_clamped():
+    """The normalisation's backward is written by hand: where the image is flat every channel ties for the minimum
+    and the local variance sits at its floor, at a bright spot it is capped by the ceiling; there its gradient must
+    still be what autograd gives for the plain formula."""
+    g = torch.Generator().manual_seed(4)
+    dist = torch.rand(1, 12, 12, 12, 12, generator=g, dtype=torch.float64)
+    dist[:, :, :4] = 0.0
+    dist[:, :6, 8, 8, 8] = 1e9
+    dist.requires_grad_(True)
+    weights = torch.rand(1, 12, 12, 12, 12, generator=g, dtype=torch.float64)
+    from common.losses.mind import _Normalisation
+
+    shifted = dist - dist.amin(1, keepdim=True)
+    var = shifted.mean(1, keepdim=True)
+    mean = var.mean()
+    assert bool((var < mean * 1e-3).any()) and bool((var > mean * 1e3).any())
+    expected = torch.exp(-shifted / var.clamp(mean * 1e-3, mean * 1e3).clamp(min=1e-6))
+    ours = _Normalisation.apply(dist, 1e-3, 1e-6)
+    assert torch.allclose(ours, expected, atol=1e-12)
+    grad, want = (torch.autograd.grad((x * weights).sum(), dist)[0] for x in (ours, expected))
+    assert torch.allclose(grad, want, atol=1e-9)
 
 
 def test_jacobian_barrier_is_zero_for_mild_and_positive_for_strong_compression():

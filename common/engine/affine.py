@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.io.errors import RegistrationInputError
 from common.losses.mutual_information import _weights_mutual_information, parzen_weights
 from common.spatial import identity_grid, sample_at, scaled_shape
+from common.transforms import ScaleIntensityRangePercentiles
 
 from .optimizer import PairAdam
 from .registration import downsample_image

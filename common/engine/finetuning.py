@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 from monai.inferers import Inferer
-from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.losses.objective import RegistrationObjective
 from common.spatial.fields import invert_ddf, resize_ddf, stage_fields
+from common.transforms import ScaleIntensityRangePercentiles
 
 from .optimizer import BestState, PairAdam, create_pair_engine
 from .precision import autocast_bfloat16, check_amp

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from monai.transforms import ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 
 from common.io import switch
@@ -30,6 +29,7 @@ from common.spatial import (
     warp,
     warp_at,
 )
+from common.transforms import ScaleIntensityRangePercentiles
 
 from .optimizer import BestState, PairAdam, create_pair_engine
 from .precision import autocast_bfloat16, check_amp

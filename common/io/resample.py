@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.config import NdarrayOrTensor
 from monai.utils import convert_to_tensor
+
+from common.spatial import grid_sample
 
 
 def _affine(affine: NdarrayOrTensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def resample_to_grid(
     normalized = 2.0 * index / (size - 1.0).clamp(min=1.0) - 1.0
     # grid_sample reads the last grid component as the last array axis
     grid = normalized.flip(0).permute(1, 2, 3, 0).unsqueeze(0)
-    out = F.grid_sample(data.unsqueeze(0).to(work), grid, mode=mode, padding_mode="border", align_corners=True)[0]
+    out = grid_sample(data.unsqueeze(0).to(work), grid, mode=mode)[0]
     inside = ((index >= -0.5) & (index < size - 0.5)).all(0)
     out = out * inside
     if not data.is_floating_point():

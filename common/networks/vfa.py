@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.spatial import identity_grid
+from common.spatial import grid_sample, identity_grid
 
 __all__ = ["VFA", "VFAEncoder"]
 
@@ -100,7 +100,7 @@ def _normalised(grid: torch.Tensor) -> torch.Tensor:
 
 
 def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(volume, _normalised(grid), mode="bilinear", padding_mode="border", align_corners=True)
+    return grid_sample(volume, _normalised(grid))
 
 
 class VFA(nn.Module):

@@ -6,7 +6,7 @@ from .fields import (
     stage_fields,
     warp,
 )
-from .grids import identity_grid, scaled_shape
+from .grids import grid_sample, identity_grid, scaled_shape
 from .sampling import (
     block_points,
     mask_tiles,
@@ -20,6 +20,7 @@ from .sampling import (
 
 __all__ = [
     "block_points",
+    "grid_sample",
     "identity_grid",
     "invert_ddf",
     "jacobian_determinant",

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF
 
+from .grids import grid_sample
+
 
 def stage_fields(output: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """A registration network's output as its fields, one per stage, coarse to fine (a single field: a list of one);
@@ -55,7 +57,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], dtype=ddf.dtype, device=ddf.device)
     grid = torch.addcmul(_normalised_identity(shape, ddf.device, ddf.dtype), torch.movedim(ddf, 1, -1), scale)
     # grid_sample reads its coordinates last axis first
-    return F.grid_sample(image, grid.flip(-1), mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample(image, grid.flip(-1), mode=mode, padding_mode=padding_mode)
 
 
 def scaling_and_squaring(velocity: torch.Tensor, num_steps: int = 7) -> torch.Tensor:

@@ -6,9 +6,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .grids import identity_grid
+from .grids import grid_sample, identity_grid
 
 __all__ = [
     "block_points",
@@ -26,7 +25,7 @@ def sample_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of ``volume`` ``[1, C, X, Y, Z]`` at ``points`` ``[N, 3]`` (normalised to ``[-1, 1]``
     corner to corner, in axis order; outside, the border's values) -> ``[1, C, N]``."""
     grid = points.flip(-1).view(1, -1, 1, 1, 3)  # grid_sample reads (z, y, x)
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).flatten(2)
+    return grid_sample(volume, grid).flatten(2)
 
 
 def random_voxels(shape: Sequence[int], count: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-from .intensity import RandMonotoneBezier, RandMonotoneBezierd, bezier_remap
+from .intensity import RandMonotoneBezier, RandMonotoneBezierd, ScaleIntensityRangePercentiles, bezier_remap
 from .spatial import ComposeDisplacementd, RandDiffeomorphicWarpd, random_velocity
 
 __all__ = [
@@ -6,6 +6,7 @@ __all__ = [
     "RandDiffeomorphicWarpd",
     "RandMonotoneBezier",
     "RandMonotoneBezierd",
+    "ScaleIntensityRangePercentiles",
     "bezier_remap",
     "random_velocity",
 ]
