@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from monai.config import NdarrayOrTensor, PathLike
@@ -59,6 +60,35 @@ def _checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     size = max(1, max(a.shape) // tiles)
     rows, cols = np.indices(a.shape)
     return np.where((rows // size + cols // size) % 2 == 0, a, b)
+
+
+def _square_pixels(tile: np.ndarray, aspect: float) -> np.ndarray:
+    """Repeat the rows (``aspect`` > 1) or the columns of a slice ``[H, W, ...]`` whose pixels are ``aspect`` times
+    as high as wide, nearest neighbour, so that its pixels are square."""
+    if aspect >= 1:
+        rows = np.minimum((np.arange(round(tile.shape[0] * aspect)) / aspect).astype(int), tile.shape[0] - 1)
+        return tile[rows]
+    cols = np.minimum((np.arange(round(tile.shape[1] / aspect)) * aspect).astype(int), tile.shape[1] - 1)
+    return tile[:, cols]
+
+
+def _mosaic(tiles: list[list[np.ndarray]]) -> tuple[np.ndarray, tuple[list[float], list[float]]]:
+    """RGBA slices ``tiles[row][col]`` (``origin="lower"`` order, one size per row) in one white-spaced RGBA picture,
+    upright, and the centres of its columns and rows in its pixels."""
+    width = max(t.shape[1] for row in tiles for t in row)
+    gap = max(2, width // 12)
+    heights = [max(t.shape[0] for t in row) for row in tiles]
+    cols = len(tiles[0])
+    mosaic = np.full((sum(heights) + gap * (len(tiles) - 1), cols * width + gap * (cols - 1), 4), 255, np.uint8)
+    top = 0
+    for row, height in zip(tiles, heights):
+        for col, tile in enumerate(row):
+            y, x = top + (height - tile.shape[0]) // 2, col * (width + gap) + (width - tile.shape[1]) // 2
+            mosaic[y : y + tile.shape[0], x : x + tile.shape[1]] = tile[::-1]
+        top += height + gap
+    xs = [col * (width + gap) + width / 2 for col in range(cols)]
+    ys = [sum(heights[:r]) + gap * r + heights[r] / 2 for r in range(len(tiles))]
+    return mosaic, (xs, ys)
 
 
 def _normalise(a: np.ndarray) -> np.ndarray:
@@ -119,35 +149,36 @@ def save_qc_figure(
     norms: list[Normalize] = [Normalize(*w) for w in grey_windows] + [Normalize(0.0, 1.0)]
     jac_norm, jac_cmap = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0), _jacobian_cmap()
 
+    colours = [colormaps["gray"]] * (len(_COLUMNS) - 1) + [jac_cmap]
+    norms.append(jac_norm)
+    tiles = [
+        [
+            _square_pixels(colours[col](norms[col](columns[col][row]), bytes=True), aspect)
+            for col in range(len(_COLUMNS))
+        ]
+        for row, aspect in enumerate(_aspects(spacing))
+    ]
+    mosaic, centres = _mosaic(tiles)
+
+    # one image in one axes: fifteen axes of their own took most of the picture's time (0.4 of 0.6 s a 2 mm pair)
     fig = Figure(figsize=(3.0 * len(_COLUMNS), 3.0 * len(_VIEWS)), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(_VIEWS), len(_COLUMNS), squeeze=False)
-    for row, (view, aspect) in enumerate(zip(_VIEWS, _aspects(spacing))):
-        for col, name in enumerate(_COLUMNS):
-            ax = axes[row, col]
-            image = columns[col][row]
-            style = {"origin": "lower", "aspect": aspect, "interpolation": "nearest"}
-            if col == len(_COLUMNS) - 1:
-                im = ax.imshow(image, cmap=jac_cmap, norm=jac_norm, **style)
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="both")
-            else:
-                ax.imshow(image, cmap="gray", norm=norms[col], **style)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=10)
-            if col == 0:
-                ax.set_ylabel(view, fontsize=10)
+    bottom = 0.03 * len(notes)
+    ax = fig.add_axes((0.03, bottom + 0.01, 0.9, (0.88 if title else 0.91) - bottom))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    (xs, ys) = centres
+    for x, name in zip(xs, _COLUMNS):
+        ax.text(x, -0.01 * mosaic.shape[0], name, fontsize=10, ha="center", va="bottom")
+    for y, view in zip(ys, _VIEWS):
+        ax.text(-0.005 * mosaic.shape[1], y, view, fontsize=10, ha="right", va="center", rotation=90)
+    bar = fig.colorbar(ScalarMappable(norm=jac_norm, cmap=jac_cmap), ax=ax, fraction=0.02, pad=0.01, extend="both")
+    bar.set_label("Jacobian determinant", fontsize=9)
     if title:
         fig.suptitle(title)
-    bottom = 0.03 * len(notes)
     for i, note in enumerate(notes):
         colour = "tab:red" if note.lower().startswith("warning") else "black"
         fig.text(0.01, bottom - 0.03 * i - 0.02, note, fontsize=9, color=colour, va="bottom")
-    # fixed margins: tight_layout draws the whole figure once more to measure it
-    fig.subplots_adjust(
-        left=0.03, right=0.97, bottom=bottom + 0.01, top=0.92 if title else 0.95, wspace=0.12, hspace=0.1
-    )
     out = Path(path)
     with atomic_write(out) as tmp:
         # zlib's fastest level: with the margins, 0.36 s instead of 0.57 s a 2 mm pair, the file 15 % larger
