@@ -14,7 +14,7 @@ from common.networks import DescriptorUNet, SelfSimilarityDescriptor, frozen
 from common.sample import sample_pair
 from common.synthesis import render_contrast
 from common.training import RandContrastViewsd, RandShiftedViewsd, corresponding_parts, retrieval_accuracy
-from common.transforms import RandMonotoneBezier, RandMonotoneBezierd, bezier_remap
+from common.transforms import RandMonotoneBezier, RandMonotoneBezierd, ScaleIntensityRangePercentiles, bezier_remap
 
 from .conftest import phantom_labels
 
@@ -31,6 +31,21 @@ def test_bezier_remap_is_monotone_keeps_the_range_and_changes_contrast():
         assert (out - image).abs().max() > 1.0
     identity = bezier_remap(image, torch.tensor([[1 / 3, 1 / 3], [2 / 3, 2 / 3]]))
     assert torch.allclose(identity, image, atol=1e-2)  # collinear control points: the identity curve
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_percentile_scaling_is_monais_with_its_metadata(relative):
+    """The registrations' intensity scaling finds both percentiles in one selection; the result, its type and its
+    affine must be MONAI's transform's, on an image above and one below the size where MONAI leaves the CPU's sort."""
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRangePercentiles as Monais
+
+    args = {"lower": 0.5, "upper": 99.5, "b_min": 0.0, "b_max": 1.0, "clip": not relative, "relative": relative}
+    for shape in [(1, 9, 10, 11), (1, 104, 104, 104)]:
+        image = MetaTensor(torch.rand(*shape) ** 3 * 900 - 20, affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+        ours, expected = ScaleIntensityRangePercentiles(**args)(image), Monais(**args)(image)
+        assert isinstance(ours, MetaTensor) and torch.equal(ours.affine, image.affine)
+        assert ours.dtype == expected.dtype and torch.allclose(ours, expected, atol=1e-6)
 
 
 def test_bezier_dictionary_version_remaps_exactly_one_view():
