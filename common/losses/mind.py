@@ -210,18 +210,15 @@ def mind_ssc(
     # D(p, q) is read from them by the shifts in picks
     vectors, picks = _offsets(d)
     # patch sums rather than means: the normalisation below is invariant to their common scale
+    eps_of_sums = eps * (2 * r + 1) ** 3
     if torch.jit.is_tracing() or not torch.is_grad_enabled():
         # the same values by plain operations, which TorchScript can record and inference needs no backward of
         inner = _shift(x, (0, 0, 0), d)
         sq = torch.cat([(_shift(x, v, d) - inner).square().mean(1, keepdim=True) for v in vectors], dim=1)
         sq = _box_sum(sq, r)
-        dist = _shifted_channels(sq, picks, d)
-    else:
-        sq = _BoxSum.apply(_ShiftedSquaredDifferences.apply(x, vectors, d), r)
-        dist = _ShiftedChannels.apply(sq, picks, d)
-    if torch.jit.is_tracing() or not torch.is_grad_enabled():
-        return _normalised(dist, floor, eps * (2 * r + 1) ** 3)[0]
-    return _Normalisation.apply(dist, floor, eps * (2 * r + 1) ** 3)
+        return _normalised(_shifted_channels(sq, picks, d), floor, eps_of_sums)[0]
+    sq = _BoxSum.apply(_ShiftedSquaredDifferences.apply(x, vectors, d), r)
+    return _Normalisation.apply(_ShiftedChannels.apply(sq, picks, d), floor, eps_of_sums)
 
 
 class MINDSSC(nn.Module):
