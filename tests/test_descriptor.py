@@ -11,6 +11,7 @@ import torch
 
 from common.losses import VoxelInfoNCELoss, mind_ssc, sample_voxels
 from common.networks import DescriptorUNet, SelfSimilarityDescriptor, frozen
+from common.networks.descriptor import _UnitNorm
 from common.sample import sample_pair
 from common.synthesis import render_contrast
 from common.training import RandContrastViewsd, RandShiftedViewsd, corresponding_parts, retrieval_accuracy
@@ -95,6 +96,20 @@ def test_descriptor_network_gives_24_unit_channels_at_input_resolution(shape):
     out = net(torch.rand(2, 1, *shape))
     assert out.shape == (2, 24, *shape)
     assert torch.allclose(out.norm(dim=1), torch.ones(2, *shape), atol=1e-5)
+
+
+def test_descriptor_unit_norm_has_the_gradient_of_the_plain_formula():
+    tokens = torch.rand(2, 6, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 6, 4, 5, 3, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((_UnitNorm.apply(tokens) * weights).sum(), tokens)
+    (plain,) = torch.autograd.grad((torch.nn.functional.normalize(tokens, dim=1) * weights).sum(), tokens)
+    assert torch.allclose(ours, plain, atol=1e-12)
+    assert torch.autograd.gradcheck(_UnitNorm.apply, (tokens,))
+    # inference (and the zoo's TorchScript export) takes plain operations to the same descriptor
+    net, image = SelfSimilarityDescriptor(DescriptorUNet()), torch.rand(1, 1, 12, 14, 10)
+    with torch.no_grad():
+        plain = net(image)
+    assert torch.allclose(net(image), plain, atol=1e-6)
 
 
 def test_descriptor_of_one_image_and_its_gradient_do_not_depend_on_the_batch_it_is_described_in():

@@ -14,6 +14,7 @@ from common.metrics import (
     ndv_percent,
     nonpositive_jacobian_percent,
     patchwise_mi_map,
+    percentiles,
     tre,
 )
 from common.visualize import save_qc_figure
@@ -221,3 +222,17 @@ def test_the_plausibility_report_flags_what_users_should_not_trust():
     assert any("similarity fell" in w for w in worse["warnings"])
     masked = report(torch.zeros(1, 3, 24, 24, 24), moving_on_fixed, fixed_mask=torch.ones(1, 24, 24, 24))
     assert masked["region"] == "fixed mask"
+
+
+def test_percentiles_are_torch_quantiles_found_by_selection():
+    torch.manual_seed(0)
+    values = torch.randn(3, 40, 50) ** 3
+    q = [0.5, 1.0, 50.0, 99.0, 99.5]
+    expected = torch.quantile(values.flatten(), torch.tensor(q) / 100)
+    assert torch.allclose(percentiles(values, q), expected, rtol=1e-5, atol=1e-6)
+    # every n // max_values-th entry, as the statistics of a large image use them
+    sub = percentiles(values, q, max_values=1000)
+    assert torch.allclose(sub, torch.quantile(values.flatten()[:: values.numel() // 1000], torch.tensor(q) / 100))
+    assert percentiles(torch.arange(11), [50.0]).item() == 5.0
+    with pytest.raises(ValueError, match="in \\[0, 100\\]"):
+        percentiles(values, [0.99, 101.0])

@@ -6,6 +6,7 @@ from .jacobian import ndv_percent, nonpositive_jacobian_percent
 from .landmarks import tre
 from .mutual_information import foreground, normalized_mutual_information, patchwise_mi_map
 from .overlap import dice_per_label, hd95_per_label, mean_dict
+from .percentiles import percentiles
 
 __all__ = [
     "dice_per_label",
@@ -16,5 +17,6 @@ __all__ = [
     "nonpositive_jacobian_percent",
     "normalized_mutual_information",
     "patchwise_mi_map",
+    "percentiles",
     "tre",
 ]

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
+from .percentiles import percentiles
+
 __all__ = ["normalized_mutual_information", "patchwise_mi_map"]
 
 
@@ -32,8 +34,7 @@ def _entropy(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def foreground(image: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     """The voxels of ``image`` ``[X, Y, Z]`` above ``fraction`` of its 99th percentile (the head, not the air around
     it), as a bool tensor of its shape."""
-    level = torch.quantile(image.flatten()[::7].float().cpu(), 0.99).to(image)
-    return image > fraction * level
+    return image > fraction * percentiles(image.flatten()[::7], [99.0])[0].item()
 
 
 def normalized_mutual_information(

@@ -91,6 +91,30 @@ class SelfSimilarityDescriptor(nn.Module):
         """``[B, 1, *S]`` -> ``[B, 12 * len(dilations), *S]``, unit norm at every voxel."""
         f = self.features(image)
         tokens = torch.cat([mind_ssc(f, self.radius, d) for d in self.dilations], dim=1)
-        # a reciprocal square root of the summed squares: forward and backward about twice as fast on the CPU as
-        # F.normalize's channel norm; the tokens are positive, so the floor only guards the dtype
-        return tokens * torch.rsqrt(tokens.square().sum(dim=1, keepdim=True).clamp_min(1e-24))
+        if torch.jit.is_tracing() or not torch.is_grad_enabled():
+            # the same values by plain operations, which TorchScript can record (the zoo's export traces this)
+            return tokens * torch.linalg.vecdot(tokens, tokens, dim=1).unsqueeze(1).clamp_min(1e-24).rsqrt()
+        return _UnitNorm.apply(tokens)
+
+
+class _UnitNorm(torch.autograd.Function):
+    """``[B, C, *S]`` divided by its L2 norm over the channels at every voxel, with the backward written out.
+
+    ``F.normalize``, or the same by autograd's chain of square, sum, reciprocal square root and product, allocates a
+    ``C``-channel tensor per step forward and backward; this keeps the unit vectors and the reciprocal norms and
+    takes about two thirds of the time on the CPU. The tokens are positive, so the norm's floor only guards the dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rnorm = torch.linalg.vecdot(tokens, tokens, dim=1).unsqueeze(1).clamp_min_(1e-24).rsqrt_()
+        unit = tokens * rnorm
+        ctx.save_for_backward(unit, rnorm)
+        return unit
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        unit, rnorm = ctx.saved_tensors
+        # the gradient's component along the unit vector removed, scaled by the reciprocal norm
+        along = torch.linalg.vecdot(grad, unit, dim=1).unsqueeze(1)
+        return torch.addcmul(grad, unit, along, value=-1.0).mul_(rnorm)

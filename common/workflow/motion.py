@@ -18,7 +18,7 @@ from monai.data import MetaTensor
 from common.engine import PairRegistration
 from common.io import input_error, load_label, load_series, save_csv, save_ddf_itk, save_json, save_series
 from common.io.writers import atomic_write
-from common.metrics import nonpositive_jacobian_percent
+from common.metrics import nonpositive_jacobian_percent, percentiles
 from common.spatial import jacobian_determinant, warp
 
 from .device import resolve_device
@@ -41,7 +41,7 @@ def region_mask(roi: PathLike | Sequence[int] | None, series: MetaTensor, refere
     frame = series.as_tensor()[reference].cpu()
     shape = tuple(frame.shape)
     if roi is None or roi == "":
-        return frame > 0.1 * torch.quantile(frame.flatten()[:: max(1, frame.numel() // 100_000)], 0.99)
+        return frame > 0.1 * percentiles(frame, [99.0], max_values=100_000)[0].item()
     if isinstance(roi, (str, Path)):
         mask = load_label(roi, series, role="region of interest")[0] != 0
     else:

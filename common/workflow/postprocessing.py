@@ -28,6 +28,7 @@ from common.metrics import (
     ndv_percent,
     nonpositive_jacobian_percent,
     normalized_mutual_information,
+    percentiles,
     tre,
 )
 from common.spatial import identity_grid, jacobian_determinant
@@ -206,8 +207,7 @@ class PlausibilityReportd(MapTransform):
             spacing = torch.as_tensor(d["spacing"], dtype=torch.float32, device=fixed.device).view(3, 1, 1, 1)
             shift = (d["ddf"][0].float() * spacing).norm(dim=0)[inside]
             det = d["jacobian"].float()[inside]
-            levels = torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99])
-            det_p, shift_p = (torch.quantile(x.cpu()[:: max(1, x.numel() // 500_000)], levels) for x in (det, shift))
+            det_p, shift_p = (percentiles(x, [1.0, 5.0, 50.0, 95.0, 99.0], max_values=500_000) for x in (det, shift))
             nmi = {
                 when: normalized_mutual_information(fixed, d[key][0], mask=inside)
                 for when, key in (("before", "moving_on_fixed"), ("after", "warped"))
