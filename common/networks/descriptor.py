@@ -92,9 +92,16 @@ class SelfSimilarityDescriptor(nn.Module):
         f = self.features(image)
         tokens = torch.cat([mind_ssc(f, self.radius, d) for d in self.dilations], dim=1)
         if torch.jit.is_tracing() or not torch.is_grad_enabled():
-            # the same values by plain operations, which TorchScript can record (the zoo's export traces this)
-            return tokens * torch.linalg.vecdot(tokens, tokens, dim=1).unsqueeze(1).clamp_min(1e-24).rsqrt()
+            # plain operations, which TorchScript can record (the zoo's export traces this)
+            return _unit_vectors(tokens)[0]
         return _UnitNorm.apply(tokens)
+
+
+def _unit_vectors(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, C, *S]`` -> its unit vectors over the channels and the reciprocal norms ``[B, 1, *S]``; the tokens are
+    positive, so the norm's floor only guards the dtype."""
+    rnorm = torch.linalg.vecdot(tokens, tokens, dim=1).unsqueeze(1).clamp_min(1e-24).rsqrt()
+    return tokens * rnorm, rnorm
 
 
 class _UnitNorm(torch.autograd.Function):
@@ -102,13 +109,12 @@ class _UnitNorm(torch.autograd.Function):
 
     ``F.normalize``, or the same by autograd's chain of square, sum, reciprocal square root and product, allocates a
     ``C``-channel tensor per step forward and backward; this keeps the unit vectors and the reciprocal norms and
-    takes about two thirds of the time on the CPU. The tokens are positive, so the norm's floor only guards the dtype.
+    takes about two thirds of the time on the CPU.
     """
 
     @staticmethod
     def forward(ctx, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        rnorm = torch.linalg.vecdot(tokens, tokens, dim=1).unsqueeze(1).clamp_min_(1e-24).rsqrt_()
-        unit = tokens * rnorm
+        unit, rnorm = _unit_vectors(tokens)
         ctx.save_for_backward(unit, rnorm)
         return unit
 
